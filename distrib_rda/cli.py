@@ -13,15 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from distrib_rda.config import ConfigError, TrainConfig, load_yaml
+from distrib_rda.config import ConfigError, TrainConfig, flag_name, load_yaml
 from distrib_rda.errors import UserError
-
-# Flag names that differ from ``--key-with-dashes``.
-FLAG_NAMES = {"lambda_": "--lambda"}
-
-
-def _flag(key: str) -> str:
-    return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
 
 
 def _parse_epochs(text: str) -> list[int]:
@@ -56,7 +49,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = field.description or ""
         if annotation is bool or (bool in args and key == "augment"):
             group.add_argument(
-                _flag(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
+                flag_name(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
                 help=help_text,
             )
             continue
@@ -70,7 +63,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _parse_float
         elif annotation is int or int in args:
             kwargs["type"] = _parse_int
-        group.add_argument(_flag(key), **kwargs)
+        group.add_argument(flag_name(key), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -139,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(
         dest="data_verb", required=True, metavar="COMMAND")
     convert = data.add_parser("convert", help="write DIR/train.beton, test.beton and meta.json")
-    convert.add_argument("dataset", help="fashion-mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
+    convert.add_argument("dataset",
+                         help="fashion-mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
     convert.add_argument("--out", type=Path, required=True)
     convert.add_argument("--data-root", type=Path)
     convert.add_argument("--download", action="store_true")
@@ -147,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_cmd_convert)
 
     tune = verbs.add_parser("tune", help="search a tune/ space with Ray Tune")
-    tune.add_argument("space", type=Path, help="a search-space YAML, such as tune/fashion_mnist_lenet5.yaml")
+    tune.add_argument("space", type=Path,
+                      help="a search-space YAML, such as tune/fashion_mnist_lenet5.yaml")
     tune.add_argument("--trials", type=_parse_int, help="number of trials (default: the file's)")
     tune.add_argument("--max-concurrent", type=_parse_int, help="trials running at once")
     tune.add_argument("--resume", action="store_true", help="continue an interrupted search")

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distrib_rda.errors import UserError
 
@@ -80,7 +88,9 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts allowed (-1: forever)")
 
     # where
-    address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or local")
+    address: str | None = Field(
+        None, description="Ray cluster address; default: RAY_ADDRESS, else a local instance"
+    )
     experiment: str = Field("distrib-rda", description="MLflow experiment")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
     storage: Path = Field(Path("results"), description="Ray Train storage path for checkpoints")
@@ -107,6 +117,15 @@ class TrainConfig(BaseModel):
             raise ValueError("must be increasing epoch numbers >= 1")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.sync_every > 1 and self.optimizer != "rda":
+            raise ValueError("sync_every > 1 (local dual averaging) needs optimizer: rda")
+        if self.batch_size < self.workers:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than workers "
+                             f"{self.workers}; it is the global batch, split over the workers")
+        return self
+
     @property
     def per_worker_batch_size(self) -> int:
         return max(1, self.batch_size // self.workers)
@@ -124,17 +143,26 @@ class TrainConfig(BaseModel):
         return TrainConfig.build(**{**self.model_dump(), **changes})
 
 
+def flag_name(key: str) -> str:
+    """The command-line flag of a config key: ``batch_size`` is ``--batch-size``."""
+    return "--lambda" if key in ("lambda_", "lambda") else "--" + key.replace("_", "-")
+
+
 def format_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
-    """One line per bad key: ``key: message (allowed: ...)``."""
+    """One line per bad key: ``key (--flag): message (got value)``."""
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<config>"
-        if item["type"] == "extra_forbidden":
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if not key:
+            lines.append(message)
+        elif item["type"] == "extra_forbidden":
             known = ", ".join(sorted(schema.model_fields))
             lines.append(f"{key}: unknown key (known keys: {known})")
         else:
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message} (got {item.get('input')!r})")
+            where = f"{key} ({flag_name(key)})" if key in schema.model_fields or key == "lambda" \
+                else key
+            lines.append(f"{where}: {message} (got {item.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

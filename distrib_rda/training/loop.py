@@ -1,0 +1,172 @@
+"""The training loop that every Ray Train worker runs: one readable loop, DDP in plain sight."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distrib_rda.config import TrainConfig
+from distrib_rda.data import build_loaders, ensure_converted
+from distrib_rda.models import build_model
+from distrib_rda.sparsity import layer_sparsity, nonzeros, sparsity
+from distrib_rda.training import checkpoint
+from distrib_rda.training.dual_sync import LocalDualAveraging
+from distrib_rda.training.optimizers import OptimizerParts, build_optimizer
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf appeared; the message names the step and the layer."""
+
+
+def first_nonfinite_layer(model: nn.Module) -> str:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return f"parameter {name}"
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return f"gradient of {name}"
+    return "the loss (parameters and gradients are finite)"
+
+
+def train_step(model: nn.Module, parts: OptimizerParts, dual: LocalDualAveraging,
+               images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
+    """One step: forward, backward (all-reduced by DDP unless local dual averaging), update."""
+    no_sync = model.no_sync() if dual.local and isinstance(model, DistributedDataParallel) \
+        else nullcontext()
+    with no_sync:
+        loss = F.cross_entropy(model(images), labels)
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    if not torch.isfinite(loss):
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        raise NonFiniteError(f"non-finite loss at step {step}: {first_nonfinite_layer(module)}")
+    parts.step()
+    dual.after_step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test_loader, device: torch.device) -> tuple[float, float]:
+    """Exact accuracy and loss over the whole test set: each rank holds a disjoint part."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for images, labels in test_loader:
+        logits = model(images)
+        totals[0] += (logits.argmax(1) == labels).sum()
+        totals[1] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[2] += labels.numel()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    correct, loss_sum, count = totals.tolist()
+    return correct / count, loss_sum / count
+
+
+def epoch_metrics(module: nn.Module, epoch: int, train_loss: float, accuracy: float,
+                  test_loss: float, seconds: float, samples: int) -> dict[str, Any]:
+    metrics = {
+        "epoch": epoch, "train_loss": train_loss, "accuracy": accuracy, "test_loss": test_loss,
+        "sparsity": sparsity(module), "nonzeros": nonzeros(module),
+        "epoch_seconds": seconds, "samples_per_second": samples / seconds,
+    }
+    metrics.update({f"sparsity/{name}": value for name, value in layer_sparsity(module).items()})
+    return metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = TrainConfig.build(**config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.gpu else torch.device("cpu")
+    threads = torch.get_num_threads()
+
+    resumed = ray.train.get_checkpoint()
+    state = None
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            state = checkpoint.load(directory)
+    start_epoch = state["epoch"] if state else 0
+    history: list[dict[str, Any]] = state["history"] if state else []
+
+    beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
+                                 cache_dir=cfg.cache_dir)
+    loaders = build_loaders(beton_dir, batch_size=cfg.per_worker_batch_size, seed=cfg.seed,
+                            start_epoch=start_epoch, subset=cfg.subset, augment=cfg.augment,
+                            num_workers=cfg.loader_workers, device=device)
+    torch.set_num_threads(threads)  # FFCV resets it when a loader is made
+
+    torch.manual_seed(cfg.seed)
+    height, _, channels = loaders.meta.shape
+    module = build_model(cfg.model, in_channels=channels, image_size=height,
+                         num_classes=len(loaders.meta.classes), init_scale=cfg.init_scale)
+    module.to(device)
+    if state:
+        module.load_state_dict(state["model"])
+    model = DistributedDataParallel(module) if dist.is_initialized() else module
+
+    steps_per_epoch = len(loaders.train)
+    parts = build_optimizer(cfg, module, total_steps=steps_per_epoch * cfg.epochs)
+    if state:
+        parts.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+    dual = LocalDualAveraging(parts.optimizer, every=cfg.sync_every)
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if epoch in cfg.restart and hasattr(parts.optimizer, "restart"):
+            parts.optimizer.restart()
+        started = time.perf_counter()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch, (images, labels) in enumerate(loaders.train):
+            step = (epoch - 1) * steps_per_epoch + batch + 1
+            loss = train_step(model, parts, dual, images, labels, step)
+            loss_sum[0] += loss * labels.numel()
+            loss_sum[1] += labels.numel()
+        dual.after_step(force=True)  # every rank ends the epoch with the same weights
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum)
+        seconds = time.perf_counter() - started
+        accuracy, test_loss = evaluate(module, loaders.test, device)
+        metrics = epoch_metrics(module, epoch, loss_sum[0].item() / loss_sum[1].item(),
+                                accuracy, test_loss, seconds, int(loss_sum[1].item()))
+        if not all(math.isfinite(p.abs().sum().item()) for p in module.parameters()):
+            raise NonFiniteError(f"non-finite weights after epoch {epoch}: "
+                                 f"{first_nonfinite_layer(module)}")
+        history.append(metrics)
+        if rank == 0:
+            print(format_epoch(metrics, cfg.epochs), flush=True)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            report_with_checkpoint(metrics, rank, {
+                "model": module.state_dict(), "optimizer": parts.state_dict(), "epoch": epoch,
+                "rng": checkpoint.rng_state(), "history": history,
+                "config": cfg.model_dump(mode="json"), "world_size": world_size,
+            })
+        else:
+            ray.train.report(metrics)
+
+
+def report_with_checkpoint(metrics: dict[str, Any], rank: int, state: dict[str, Any]) -> None:
+    """Every rank reports (a barrier); only rank 0 writes the checkpoint."""
+    with tempfile.TemporaryDirectory() as directory:
+        ray_checkpoint = None
+        if rank == 0:
+            checkpoint.save(directory, state)
+            ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=ray_checkpoint)
+
+
+def format_epoch(metrics: dict[str, Any], epochs: int) -> str:
+    return (f"epoch {metrics['epoch']:>3}/{epochs}  loss {metrics['train_loss']:.4f}  "
+            f"accuracy {metrics['accuracy']:.2%}  sparsity {metrics['sparsity']:.2%}  "
+            f"non-zeros {metrics['nonzeros']:,}  {metrics['epoch_seconds']:.1f}s  "
+            f"{metrics['samples_per_second']:,.0f} samples/s")

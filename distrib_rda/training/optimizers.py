@@ -1,0 +1,64 @@
+"""The optimizer, learning-rate schedule and pruner that a config asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distrib_rda.config import TrainConfig
+from distrib_rda.optim import RDA, MagnitudePruner, ProxSGD, prunable_weights, rda_param_groups
+
+# Gradual magnitude pruning prunes from 10% to 60% of training, then trains the mask.
+GMP_WINDOW = (0.1, 0.6)
+GMP_PRUNINGS = 40
+
+
+@dataclass
+class OptimizerParts:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    pruner: MagnitudePruner | None = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.pruner is not None:
+            self.pruner.step()
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self._parts().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self._parts().items():
+            part.load_state_dict(state[name])
+
+    def _parts(self) -> dict:
+        parts = {"optimizer": self.optimizer, "scheduler": self.scheduler, "pruner": self.pruner}
+        return {name: part for name, part in parts.items() if part is not None}
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> OptimizerParts:
+    """RDA has its own step-size schedule; the SGD family gets cosine decay over the run."""
+    if cfg.optimizer == "rda":
+        return OptimizerParts(RDA(
+            rda_param_groups(model, cfg.lambda_), gamma=cfg.gamma, adaptive=cfg.adaptive,
+            eps=cfg.eps, center=cfg.center,
+        ))
+    if cfg.optimizer == "prox-sgd":
+        optimizer = ProxSGD(rda_param_groups(model, cfg.lambda_), lr=cfg.lr,
+                            momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    pruner = None
+    if cfg.optimizer == "gmp":
+        start, end = (int(fraction * total_steps) for fraction in GMP_WINDOW)
+        pruner = MagnitudePruner(
+            [weight for _, weight in prunable_weights(model)],
+            target_sparsity=cfg.target_sparsity, start_step=start, end_step=end,
+            frequency=max(1, (end - start) // GMP_PRUNINGS),
+        )
+    return OptimizerParts(optimizer, scheduler, pruner)
