@@ -1,0 +1,32 @@
+"""Shared fixtures: a private local Ray instance, and one .beton cache for the whole session."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import pytest
+import ray
+
+
+@pytest.fixture(scope="session")
+def beton_cache(tmp_path_factory):
+    """Converted datasets, shared by every test that trains, so each converts once."""
+    return tmp_path_factory.mktemp("beton-cache")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray instance with 2 CPUs, in a private temp dir (short: socket paths)."""
+    temp_dir = tempfile.mkdtemp(prefix="rda-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """A real MLflow sqlite store of the test's own."""
+    return f"sqlite:///{tmp_path}/mlflow.db"
