@@ -1,0 +1,127 @@
+"""End-to-end training on real Ray Train, real FFCV files of Fashion-MNIST and real MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from distrib_rda.cli import main
+from distrib_rda.training import checkpoint
+
+
+def train_args(tmp_path, beton_cache, tracking_uri, *extra: str) -> list[str]:
+    return [
+        "train", "--subset", "2048", "--batch-size", "128", "--epochs", "2",
+        "--cache-dir", str(beton_cache), "--storage", str(tmp_path / "results"),
+        "--tracking-uri", tracking_uri, "--experiment", "test", "--loader-workers", "1",
+        "--lambda", "5e-4", "--gamma", "0.3", *extra,
+    ]
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, capsys):
+    assert main(train_args(tmp_path, beton_cache, tracking_uri,
+                           "--workers", "2", "--name", "e2e", "--json")) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert set(result) == {"run_id", "accuracy", "sparsity", "nonzeros", "epochs", "seconds"}
+    assert result["epochs"] == 2
+    assert 0.5 < result["accuracy"] <= 1.0  # 10 classes: chance is 0.1
+    assert 0.0 < result["sparsity"] < 1.0
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lambda_"] == "0.0005" and run.data.params["workers"] == "2"
+    assert {run.data.tags[key] for key in ("dataset", "model", "optimizer")} == {
+        "fashion-mnist", "lenet5", "rda"}
+    for key in ("train_loss", "accuracy", "sparsity", "nonzeros", "epoch_seconds",
+                "samples_per_second", "sparsity/conv1"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    assert run.data.metrics["accuracy"] == pytest.approx(result["accuracy"])
+
+    model_file = client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path))
+    saved = torch.load(model_file, weights_only=True)
+    weights = [v for k, v in saved["model"].items() if k.endswith("weight") and v.dim() > 1]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros / sum(w.numel() for w in weights) == pytest.approx(result["sparsity"])
+    assert "conv1" in json.loads(open(client.download_artifacts(
+        run.info.run_id, "layer_sparsity.json", str(tmp_path))).read())
+
+
+def test_rerun_of_finished_name_resumes_without_retraining(ray_local, tmp_path, beton_cache,
+                                                           tracking_uri, capsys):
+    args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
+                      "--name", "again", "--json")
+    assert main(args) == 0
+    first = last_json_line(capsys.readouterr().out)
+    assert main(args) == 0
+    second = last_json_line(capsys.readouterr().out)
+    assert second["run_id"] == first["run_id"]
+    assert second["accuracy"] == first["accuracy"]
+    history = MlflowClient(tracking_uri).get_metric_history(first["run_id"], "accuracy")
+    assert [m.step for m in history] == [1]
+
+
+def test_resume_with_changed_config_is_refused(ray_local, tmp_path, beton_cache, tracking_uri,
+                                               capsys):
+    args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
+                      "--name", "fixed")
+    assert main(args) == 0
+    capsys.readouterr()
+    results = tmp_path / "results"
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+    assert main([*args, "--gamma", "0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "--name fixed" in error and "gamma" in error
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
+
+
+def test_final_checkpoint_holds_the_whole_state(ray_local, tmp_path, beton_cache, tracking_uri,
+                                                capsys):
+    args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
+                      "--name", "state", "--adaptive")
+    assert main(args) == 0
+    files = sorted((tmp_path / "results" / "state").rglob(checkpoint.CHECKPOINT_FILE))
+    state = checkpoint.load(files[-1])
+    assert state["epoch"] == 1 and state["config"]["adaptive"] is True
+    optimizer_state = state["optimizer"]["optimizer"]["state"]
+    assert {"center", "dual_sum", "sq_sum", "step"} <= set(optimizer_state[0])
+    assert set(state["rng"]) == {"torch", "numpy", "python"}
+    assert len(state["history"]) == 1
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--lambda", "-1"], "--lambda"),
+    (["--gamma", "0"], "--gamma"),
+    (["--lambda", "nan"], "--lambda"),
+    (["--workers", "0"], "--workers"),
+    (["--sync-every", "4", "--optimizer", "sgd"], "sync_every"),
+    (["--restart", "5,3"], "--restart"),
+    (["--dataset", "svhn"], "--dataset"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, args, culprit, capsys):
+    assert main(["train", "--storage", str(tmp_path / "results"), *args]) == 2
+    error = capsys.readouterr().err
+    assert culprit in error and "Traceback" not in error
+    assert not (tmp_path / "results").exists()
+
+
+def test_unknown_key_in_config_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: lenet5\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "learning_rate: unknown key" in error
+
+
+def test_unknown_model_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "alexnet"])
+    assert exit_info.value.code == 2
+    assert "--model" in capsys.readouterr().err
