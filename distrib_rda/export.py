@@ -64,9 +64,10 @@ def export_sparse(source: str | os.PathLike, out: str | os.PathLike, *,
         raise ExportError(f"--out {out}: already exists; pass --force to overwrite it")
     with tempfile.TemporaryDirectory() as tmp:
         path = resolve_source(str(source), tracking_uri, Path(tmp))
-        state, config = read_checkpoint(path)
+        state, config, model_args = read_checkpoint(path)
     tensors = {name: encode(tensor) for name, tensor in state.items()}
-    write_atomic({"format": FORMAT, "config": config, "tensors": tensors}, out, force=force)
+    write_atomic({"format": FORMAT, "config": config, "model_args": model_args,
+                  "tensors": tensors}, out, force=force)
 
     floats = [t for t in state.values() if t.is_floating_point()]
     weights = [t for t in floats if t.dim() >= 2]
@@ -85,6 +86,20 @@ def export_sparse(source: str | os.PathLike, out: str | os.PathLike, *,
           f"  size: {report['file_bytes']:,} bytes sparse vs {report['dense_bytes']:,} dense "
           f"({report['ratio']:.2f}x smaller)")
     return report
+
+
+def load_sparse_model(path: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild the dense model of an export made from a training checkpoint or run."""
+    from distrib_rda.models import build_model
+
+    state, config = load_sparse(path)
+    model_args = torch_load(Path(path)).get("model_args")
+    if not config or not model_args:
+        raise ExportError(f"{path}: holds no model config; rebuild the model yourself and "
+                          "load the state_dict from load_sparse()")
+    model = build_model(config["model"], **model_args)
+    model.load_state_dict(state)
+    return model
 
 
 def load_sparse(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -204,8 +219,8 @@ def is_pickle(path: Path) -> bool:
         return file.read(1) == b"\x80"
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The model state_dict and config of a checkpoint or run-model file."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
+    """The model state_dict, config and model arguments of a checkpoint or run-model file."""
     data = torch_load(path)
     state = data.get("model") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(
@@ -215,7 +230,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     config = data.get("config")
     if config is not None and not isinstance(config, dict):
         raise ExportError(f"{path}: 'config' must be a dict, not {type(config).__name__}")
-    return state, config
+    return state, config, data.get("model_args")
 
 
 def write_atomic(payload: Any, out: Path, *, force: bool) -> None:

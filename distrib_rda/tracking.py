@@ -158,7 +158,8 @@ class MlflowMetricsCallback(UserCallback):
 
 
 def finish_run(cfg: TrainConfig, run_id: str, *, history: list[dict[str, Any]],
-               model_state: dict[str, Any], layer_sparsity: dict[str, float],
+               model_state: dict[str, Any], model_args: dict[str, int],
+               layer_sparsity: dict[str, float],
                summary: dict[str, Any], status: str = "FINISHED") -> None:
     """Replay missing epochs, attach the final model and per-layer sparsity, close the run."""
     client = client_for(cfg.tracking_uri)
@@ -167,7 +168,8 @@ def finish_run(cfg: TrainConfig, run_id: str, *, history: list[dict[str, Any]],
         import torch
 
         model_file = Path(tmp) / "model.pt"
-        torch.save({"model": model_state, "config": cfg.model_dump(mode="json")}, model_file)
+        torch.save({"model": model_state, "model_args": model_args,
+                    "config": cfg.model_dump(mode="json")}, model_file)
         client.log_artifact(run_id, str(model_file), artifact_path="model")
         client.log_dict(run_id, layer_sparsity, "layer_sparsity.json")
         client.log_dict(run_id, summary, "summary.json")

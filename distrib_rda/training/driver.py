@@ -136,7 +136,7 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     layers = {key.removeprefix("sparsity/"): value for key, value in last.items()
               if key.startswith("sparsity/")}
     tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
-                        layer_sparsity=layers, summary=summary)
+                        model_args=state["model_args"], layer_sparsity=layers, summary=summary)
     print_summary(cfg, summary, dense=dense_count(state["model"], layers))
     if json_output:
         print(json.dumps({key: summary[key] for key in

@@ -107,8 +107,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)
     height, _, channels = loaders.meta.shape
-    module = build_model(cfg.model, in_channels=channels, image_size=height,
-                         num_classes=len(loaders.meta.classes), init_scale=cfg.init_scale)
+    model_args = {"in_channels": channels, "image_size": height,
+                  "num_classes": len(loaders.meta.classes)}
+    module = build_model(cfg.model, **model_args, init_scale=cfg.init_scale)
     module.to(device)
     if state:
         module.load_state_dict(state["model"])
@@ -149,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report_with_checkpoint(metrics, rank, {
                 "model": module.state_dict(), "optimizer": parts.state_dict(), "epoch": epoch,
                 "rng": checkpoint.rng_state(), "history": history,
-                "config": cfg.model_dump(mode="json"), "world_size": world_size,
+                "config": cfg.model_dump(mode="json"), "model_args": model_args,
+                "world_size": world_size,
             })
         else:
             ray.train.report(metrics)

@@ -1,0 +1,96 @@
+"""Faults injected into real runs: a worker killed by SIGKILL from outside, a tracking store that
+cannot be reached, and numerical blow-ups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors
+
+from distrib_rda.cli import main
+from distrib_rda.config import TrainConfig
+from distrib_rda.training import checkpoint, run_training
+from distrib_rda.training.driver import TrainingError
+from distrib_rda.training.dual_sync import LocalDualAveraging
+from distrib_rda.training.loop import NonFiniteError, train_step
+from distrib_rda.training.optimizers import OptimizerParts
+
+
+def config(tmp_path, beton_cache, tracking_uri, **changes) -> TrainConfig:
+    return TrainConfig.build(**{
+        "subset": 8192, "batch_size": 128, "epochs": 3, "workers": 2, "loader_workers": 1,
+        "cache_dir": beton_cache, "storage": tmp_path / "results", "tracking_uri": tracking_uri,
+        "experiment": "faults", **changes})
+
+
+def worker_pids() -> list[int]:
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [actor.pid for actor in actors]
+
+
+def test_worker_killed_mid_epoch_resumes_the_same_trajectory(ray_local, tmp_path, beton_cache,
+                                                             tracking_uri):
+    reference = run_training(config(tmp_path, beton_cache, tracking_uri, name="reference"))
+
+    killed: list[int] = []
+    run_dir = tmp_path / "results" / "faulty"
+
+    def kill_one_worker_in_epoch_two():
+        while not list(run_dir.rglob(checkpoint.CHECKPOINT_FILE)):
+            time.sleep(0.05)
+        time.sleep(0.5)  # into epoch 2, which takes a few seconds
+        pid = worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_one_worker_in_epoch_two, daemon=True)
+    killer.start()
+    faulty = run_training(config(tmp_path, beton_cache, tracking_uri, name="faulty",
+                                 max_failures=1))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+
+    got, want = checkpoint.load(faulty["checkpoint"]), checkpoint.load(reference["checkpoint"])
+    for name, value in want["model"].items():
+        torch.testing.assert_close(got["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    client = MlflowClient(tracking_uri)
+    for key in ("accuracy", "sparsity", "train_loss", "epoch_seconds"):
+        steps = [m.step for m in client.get_metric_history(faulty["run_id"], key)]
+        assert sorted(steps) == [1, 2, 3], (key, steps)  # no gap, no duplicate
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, capsys):
+    assert main(["train", "--tracking-uri", "http://127.0.0.1:9", "--storage",
+                 str(tmp_path / "results")]) == 2
+    error = capsys.readouterr().err
+    assert "--tracking-uri http://127.0.0.1:9" in error and "unreachable" in error
+    assert not (tmp_path / "results").exists()
+
+
+def test_nan_stops_the_run_naming_step_and_layer(ray_local, tmp_path, beton_cache,
+                                                 tracking_uri):
+    exploding = config(tmp_path, beton_cache, tracking_uri, name="blowup", epochs=1, workers=1,
+                       optimizer="sgd", lr=1e12)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step \d+: (parameter|gradient)"):
+        run_training(exploding)
+    assert not list((tmp_path / "results" / "blowup").rglob(checkpoint.CHECKPOINT_FILE))
+    run = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("faults").experiment_id])[0]
+    assert run.info.status == "FAILED"
+
+
+def test_a_nonfinite_step_never_updates_the_weights():
+    model = torch.nn.Linear(3, 2)
+    parts = OptimizerParts(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    images = torch.full((4, 3), float("inf"))
+    with pytest.raises(NonFiniteError, match="step 7"):
+        train_step(model, parts, LocalDualAveraging(parts.optimizer, every=1), images,
+                   torch.zeros(4, dtype=torch.long), step=7)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
