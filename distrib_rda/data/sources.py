@@ -1,0 +1,443 @@
+"""Where the raw datasets live, and how to read them into ``uint8`` arrays.
+
+:func:`resolve_source` finds (and, with ``download=True``, fetches) the files of a dataset and
+fails with a :class:`DataSourceError` that names the files, where they were looked for and how
+to get them, before any conversion work starts. :meth:`Source.load` reads them into
+:class:`Arrays`: images ``(N, H, W, C)`` ``uint8`` and labels ``(N,)`` ``int64``.
+
+Datasets:
+
+- ``fashion-mnist``: the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist/*-ubyte.gz``), or torchvision's layout
+  ``DATA_ROOT/FashionMNIST/raw/`` (checked first when a data root is given).
+- ``mnist``: torchvision's layout ``DATA_ROOT/MNIST/raw/``.
+- ``cifar10`` and ``cifar100``: torchvision's layout, ``DATA_ROOT/cifar-10-batches-py/`` and
+  ``DATA_ROOT/cifar-100-python/`` (the unpacked python-version archives).
+- ``imagefolder:PATH``: one folder per class. With ``PATH/train/`` and ``PATH/test/`` (or
+  ``PATH/val/``) those are the splits; otherwise every tenth file of each class, in sorted
+  order, is held out for test. Images that are all greyscale stay one channel, others become
+  RGB; images whose size differs from the first one's are resized to it (bilinear).
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import sys
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distrib_rda.data.meta import DataSourceError
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
+IMAGEFOLDER = "imagefolder:"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+IDX_STEMS = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+MNIST_CLASSES = tuple(str(digit) for digit in range(10))
+CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": ("batches.meta", "label_names"),
+        "labels": "labels",
+        "archive": "cifar-10-python.tar.gz",
+        "torchvision": "CIFAR10",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": ("meta", "fine_label_names"),
+        "labels": "fine_labels",
+        "archive": "cifar-100-python.tar.gz",
+        "torchvision": "CIFAR100",
+    },
+}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+@dataclass
+class Arrays:
+    """A dataset in memory: images ``(N, H, W, C)`` uint8, labels ``(N,)`` int64."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A located dataset: its files (for cache keys) and how to read them."""
+
+    dataset: str
+    description: str
+    files: tuple[Path, ...]
+    reader: Callable[[], Arrays]
+
+    def load(self) -> Arrays:
+        arrays = self.reader()
+        _check_arrays(self.dataset, arrays)
+        return arrays
+
+
+def allowed_datasets() -> str:
+    return ", ".join(DATASETS) + ", or imagefolder:PATH"
+
+
+def resolve_source(
+    dataset: str, *, data_root: str | Path | None = None, download: bool = False
+) -> Source:
+    """Locate ``dataset``'s files, downloading them with torchvision if ``download`` and missing."""
+    root = Path(data_root).expanduser().resolve() if data_root is not None else None
+    if dataset == "fashion-mnist":
+        return _fashion_mnist(root, download)
+    if dataset == "mnist":
+        return _mnist(root, download)
+    if dataset in CIFAR:
+        return _cifar(dataset, root, download)
+    if dataset.startswith(IMAGEFOLDER) and len(dataset) > len(IMAGEFOLDER):
+        return _imagefolder(Path(dataset[len(IMAGEFOLDER):]).expanduser().resolve())
+    raise DataSourceError(f"unknown dataset {dataset!r}: allowed are {allowed_datasets()}")
+
+
+# --------------------------------------------------------------------------- MNIST family
+
+
+def _idx_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The four IDX files in ``folder`` (plain or .gz), and the stems that are missing."""
+    found, missing = [], []
+    for stem in IDX_STEMS:
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                found.append(folder / name)
+                break
+        else:
+            missing.append(stem)
+    return found, missing
+
+
+def _idx_source(dataset: str, folder: Path, files: list[Path], classes, description: str) -> Source:
+    def read() -> Arrays:
+        train_x, train_y, test_x, test_y = (read_idx(path) for path in files)
+        return Arrays(
+            _check_idx_images(files[0], train_x), _check_idx_labels(files[1], train_y, train_x),
+            _check_idx_images(files[2], test_x), _check_idx_labels(files[3], test_y, test_x),
+            tuple(classes),
+        )
+
+    return Source(dataset, description, tuple(files), read)
+
+
+def _torchvision_download(dataset: str, class_name: str, root: Path, **kwargs) -> None:
+    import torchvision.datasets
+
+    print(f"{dataset}: downloading with torchvision into {root} ...", file=sys.stderr)
+    try:
+        getattr(torchvision.datasets, class_name)(str(root), download=True, **kwargs)
+    except Exception as error:  # torchvision raises RuntimeError, URLError, OSError, ...
+        raise DataSourceError(
+            f"{dataset}: --download into {root} failed ({type(error).__name__}: {error}). "
+            "Is a network reachable? Otherwise copy the files there by hand (layout below in "
+            "the error without --download)."
+        ) from None
+
+
+def _fashion_mnist(root: Path | None, download: bool) -> Source:
+    folders = ([root / "FashionMNIST" / "raw"] if root else []) + [DEBIAN_FASHION_MNIST]
+    for folder in folders:
+        files, missing = _idx_files(folder)
+        if not missing:
+            kind = "Debian dataset-fashion-mnist" if folder == DEBIAN_FASHION_MNIST else \
+                "torchvision layout"
+            return _idx_source("fashion-mnist", folder, files, FASHION_CLASSES,
+                               f"fashion-mnist from {folder} ({kind})")
+    if download and root is not None:
+        _torchvision_download("fashion-mnist", "FashionMNIST", root)
+        return _fashion_mnist(root, download=False)
+    names = ", ".join(f"{stem}[.gz]" for stem in IDX_STEMS)
+    where = " and ".join(str(folder) for folder in folders)
+    hint = (
+        "Install the Debian package: `apt-get install dataset-fashion-mnist` (it puts them in "
+        f"{DEBIAN_FASHION_MNIST}), or give --data-root DIR holding torchvision's layout "
+        "DIR/FashionMNIST/raw/, or add --download with --data-root DIR to let torchvision "
+        "fetch them there."
+    )
+    if download:
+        hint = "--download needs --data-root DIR (where torchvision puts the files). " + hint
+    raise DataSourceError(
+        f"fashion-mnist: no complete copy found. Looked for {names} in {where}. {hint}"
+    )
+
+
+def _mnist(root: Path | None, download: bool) -> Source:
+    names = ", ".join(f"{stem}[.gz]" for stem in IDX_STEMS)
+    if root is None:
+        raise DataSourceError(
+            f"mnist needs --data-root DIR holding torchvision's layout DIR/MNIST/raw/ with "
+            f"{names}; add --download to let torchvision fetch them there."
+        )
+    folder = root / "MNIST" / "raw"
+    files, missing = _idx_files(folder)
+    if missing and download:
+        _torchvision_download("mnist", "MNIST", root)
+        files, missing = _idx_files(folder)
+    if missing:
+        raise DataSourceError(
+            f"mnist: missing {', '.join(missing)} (or .gz) in {folder}. torchvision's layout is "
+            f"DATA_ROOT/MNIST/raw/ with {names}; add --download to let torchvision fetch them "
+            "into --data-root."
+        )
+    return _idx_source("mnist", folder, files, MNIST_CLASSES, f"mnist from {folder}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (``.gz`` or plain) into an array of its shape."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as stream:
+            data = stream.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataSourceError(f"{path} cannot be read ({error}); replace the file.") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        raise DataSourceError(f"{path} is not an IDX file of unsigned bytes; replace the file.")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:header]) if len(data) >= header else ()
+    if len(data) != header + int(np.prod(dims, dtype=np.int64)) or not dims:
+        raise DataSourceError(
+            f"{path} is truncated or padded: its header says {dims} bytes of data, the file "
+            f"has {max(0, len(data) - header)}; replace the file."
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _check_idx_images(path: Path, images: np.ndarray) -> np.ndarray:
+    if images.ndim != 3:
+        raise DataSourceError(f"{path}: expected images (N, H, W), found shape {images.shape}")
+    return images[..., None]
+
+
+def _check_idx_labels(path: Path, labels: np.ndarray, images: np.ndarray) -> np.ndarray:
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataSourceError(
+            f"{path}: {labels.shape} labels for {len(images)} images; replace the file."
+        )
+    return labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+def _cifar(dataset: str, root: Path | None, download: bool) -> Source:
+    spec = CIFAR[dataset]
+    names = [*spec["train"], *spec["test"], spec["meta"][0]]
+    layout = f"DATA_ROOT/{spec['folder']}/ with {', '.join(names)}"
+    how = (
+        f"add --download to let torchvision fetch them, or unpack {spec['archive']} "
+        f"({CIFAR_URL}) into --data-root"
+    )
+    if root is None:
+        raise DataSourceError(f"{dataset} needs --data-root DIR holding torchvision's layout "
+                              f"{layout}; {how}.")
+    folder = root / spec["folder"]
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing and download:
+        _torchvision_download(dataset, spec["torchvision"], root)
+        missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise DataSourceError(
+            f"{dataset}: missing {', '.join(missing)} in {folder}. torchvision's layout is "
+            f"{layout}; {how}."
+        )
+    files = [folder / name for name in names]
+
+    def read() -> Arrays:
+        train = [_read_cifar_batch(folder / name, spec["labels"]) for name in spec["train"]]
+        test = [_read_cifar_batch(folder / name, spec["labels"]) for name in spec["test"]]
+        meta = _unpickle(folder / spec["meta"][0])
+        try:
+            classes = tuple(str(name) for name in meta[spec["meta"][1]])
+        except (KeyError, TypeError):
+            raise DataSourceError(
+                f"{folder / spec['meta'][0]} has no {spec['meta'][1]!r}; replace the file."
+            ) from None
+        return Arrays(
+            np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+            np.concatenate([x for x, _ in test]), np.concatenate([y for _, y in test]),
+            classes,
+        )
+
+    return Source(dataset, f"{dataset} from {folder}", tuple(files), read)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as stream:
+            data = pickle.load(stream, encoding="latin1")
+    except Exception as error:  # a damaged pickle raises almost anything
+        raise DataSourceError(
+            f"{path} cannot be read ({type(error).__name__}: {error}); replace the file."
+        ) from None
+    if not isinstance(data, dict):
+        raise DataSourceError(f"{path} is not a CIFAR python-version batch; replace the file.")
+    return data
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    data = _unpickle(path)
+    try:
+        pixels = np.asarray(data["data"], dtype=np.uint8)
+        labels = np.asarray(data[label_key], dtype=np.int64)
+        images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    except (KeyError, ValueError) as error:
+        raise DataSourceError(
+            f"{path} is not a CIFAR python-version batch ({type(error).__name__}: {error}); "
+            "replace the file."
+        ) from None
+    if len(labels) != len(images):
+        raise DataSourceError(f"{path}: {len(labels)} labels for {len(images)} images.")
+    return np.ascontiguousarray(images), labels
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+
+def _image_files(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[Path, int]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    try:
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as error:
+        raise DataSourceError(
+            f"imagefolder: {error} (image files end in {', '.join(IMG_EXTENSIONS)})."
+        ) from None
+    return [(Path(path), label) for path, label in samples]
+
+
+def _imagefolder(path: Path) -> Source:
+    from torchvision.datasets.folder import find_classes
+
+    layout = (
+        "one folder per class holding images (PATH/CLASS/*.png), optionally split as "
+        "PATH/train/CLASS/... and PATH/test/CLASS/... (or val/)"
+    )
+    if not path.is_dir():
+        raise DataSourceError(f"imagefolder: {path} is not a directory. Expected {layout}.")
+    test_dir = next((path / name for name in ("test", "val") if (path / name).is_dir()), None)
+    try:
+        if (path / "train").is_dir() and test_dir is not None:
+            classes, class_to_idx = find_classes(path / "train")
+            train = _image_files(path / "train", class_to_idx)
+            test_classes, _ = find_classes(test_dir)
+            unknown = sorted(set(test_classes) - set(classes))
+            if unknown:
+                raise DataSourceError(
+                    f"imagefolder: {test_dir} has classes {unknown} that {path / 'train'} lacks."
+                )
+            test = _image_files(test_dir, {name: class_to_idx[name] for name in test_classes})
+            split = f"{path / 'train'} and {test_dir}"
+        else:
+            classes, class_to_idx = find_classes(path)
+            samples = _image_files(path, class_to_idx)
+            rank_in_class: dict[int, int] = {}
+            train, test = [], []
+            for sample in samples:  # sorted by class, then file name
+                rank = rank_in_class.get(sample[1], 0)
+                rank_in_class[sample[1]] = rank + 1
+                (test if rank % 10 == 9 else train).append(sample)
+            split = f"{path}, every tenth file of each class held out for test"
+    except FileNotFoundError as error:
+        raise DataSourceError(f"imagefolder: {error}. Expected {layout}.") from None
+    if not train or not test:
+        raise DataSourceError(
+            f"imagefolder: {path} gives {len(train)} training and {len(test)} test images; "
+            f"both must be non-empty. Expected {layout}."
+        )
+    files = tuple(p for p, _ in train) + tuple(p for p, _ in test)
+    return Source(f"imagefolder:{path}", f"imagefolder {split}", files,
+                  lambda: _read_images(train, test, tuple(classes)))
+
+
+def _read_images(
+    train: Sequence[tuple[Path, int]], test: Sequence[tuple[Path, int]], classes: tuple[str, ...]
+) -> Arrays:
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    samples = [*train, *test]
+    modes = set()
+    size = None
+    for file, _ in samples:  # headers only: PIL decodes pixels lazily
+        try:
+            with Image.open(file) as image:
+                modes.add(image.mode)
+                size = size or image.size
+        except (OSError, UnidentifiedImageError) as error:
+            raise _unreadable(file, error) from None
+    grey = modes <= {"L", "1"}
+    width, height = size
+    images = np.empty((len(samples), height, width, 1 if grey else 3), dtype=np.uint8)
+    resized = 0
+    for i, (file, _) in enumerate(tqdm(samples, desc="reading images", unit="img")):
+        try:
+            with Image.open(file) as image:
+                image = image.convert("L" if grey else "RGB")
+                if image.size != (width, height):
+                    image = image.resize((width, height), Image.BILINEAR)
+                    resized += 1
+                images[i] = np.asarray(image).reshape(images.shape[1:])
+        except (OSError, UnidentifiedImageError) as error:
+            raise _unreadable(file, error) from None
+    labels = np.array([label for _, label in samples], dtype=np.int64)
+    note = f"; {resized} images resized to {height}x{width}" if resized else ""
+    n = len(train)
+    return Arrays(images[:n], labels[:n], images[n:], labels[n:], classes, note)
+
+
+def _unreadable(file: Path, error: Exception) -> DataSourceError:
+    return DataSourceError(f"imagefolder: {file} is not a readable image ({error}).")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_arrays(dataset: str, arrays: Arrays) -> None:
+    for split in ("train", "test"):
+        images = getattr(arrays, f"{split}_images")
+        labels = getattr(arrays, f"{split}_labels")
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+            raise DataSourceError(
+                f"{dataset}: {split} images have shape {images.shape} and dtype {images.dtype}; "
+                "expected (N, H, W, 1 or 3) uint8."
+            )
+        if len(images) == 0 or len(labels) != len(images):
+            raise DataSourceError(f"{dataset}: {len(images)} {split} images, {len(labels)} labels.")
+        if labels.min() < 0 or labels.max() >= len(arrays.classes):
+            raise DataSourceError(
+                f"{dataset}: {split} labels span {labels.min()}..{labels.max()}, but there are "
+                f"{len(arrays.classes)} classes."
+            )
+    if arrays.train_images.shape[1:] != arrays.test_images.shape[1:]:
+        raise DataSourceError(
+            f"{dataset}: train images are {arrays.train_images.shape[1:]}, test images "
+            f"{arrays.test_images.shape[1:]}."
+        )

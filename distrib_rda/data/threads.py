@@ -1,0 +1,51 @@
+"""Keep torch's intra-op thread count where the caller put it, although FFCV changes it.
+
+FFCV calls ``torch.set_num_threads`` behind the caller's back (``ffcv.pipeline.compiler``):
+``import ffcv`` sets it to 1, and every ``Loader(...)``, every ``iter(loader)`` and the
+loader's background epoch thread set it to the loader's ``num_workers``. A training loop that
+does its matrix products in the main thread would then run them with the loader's thread
+count. The trick used here: read ``torch.get_num_threads()`` before each FFCV call and set it
+back afterwards, and once more when the first batch of an epoch arrives (by then the epoch
+thread has made its call). :class:`~distrib_rda.data.loaders.BetonLoader` does this by itself;
+:func:`restore_threads` is for code that calls FFCV directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+
+import torch
+
+# torch's thread count before ffcv was first imported (None when someone else imported it first).
+_BEFORE_FFCV: int | None = None if "ffcv" in sys.modules else torch.get_num_threads()
+
+
+def import_ffcv() -> ModuleType:
+    """Import ``ffcv`` and the parts used here, leaving torch's thread count unchanged."""
+    global _BEFORE_FFCV
+    threads = torch.get_num_threads()
+    if "ffcv" not in sys.modules:
+        _BEFORE_FFCV = threads
+    import ffcv
+    import ffcv.fields
+    import ffcv.fields.decoders
+    import ffcv.loader
+    import ffcv.pipeline
+    import ffcv.transforms  # noqa: F401
+
+    torch.set_num_threads(threads)
+    return ffcv
+
+
+def restore_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op thread count to ``threads``, by default to what it was before FFCV.
+
+    Returns the count now in force. Call it after creating or starting an FFCV ``Loader``
+    yourself; :class:`~distrib_rda.data.loaders.BetonLoader` needs no help.
+    """
+    if threads is None:
+        threads = _BEFORE_FFCV if _BEFORE_FFCV is not None else torch.get_num_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
