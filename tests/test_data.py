@@ -151,20 +151,23 @@ def test_grey_is_not_augmented_by_default_and_can_be(tmp_path):
 
 def test_subset_resume_and_small_datasets(tmp_path):
     beton_dir = _generated(tmp_path, num_train=50, num_test=5, shape=(3, 3, 1))
-    first = build_loaders(beton_dir, batch_size=10, seed=5)
+    first = build_loaders(beton_dir, batch_size=10, seed=5, num_workers=1)
     epochs = [torch.cat([y.clone() for _, y in first.train]).tolist() for _ in range(3)]
     assert epochs[0] != epochs[1] and sorted(epochs[0]) == list(range(50))
-    resumed = build_loaders(beton_dir, batch_size=10, seed=5, start_epoch=2)
+    resumed = build_loaders(beton_dir, batch_size=10, seed=5, start_epoch=2, num_workers=1)
     assert torch.cat([y.clone() for _, y in resumed.train]).tolist() == epochs[2]
 
-    subset = build_loaders(beton_dir, batch_size=10, seed=5, subset=20)
+    subset = build_loaders(beton_dir, batch_size=10, seed=5, subset=20, num_workers=1)
     assert sorted(torch.cat([y.clone() for _, y in subset.train]).tolist()) == list(range(20))
     assert subset.train.num_samples == 20 and len(subset.train) == 2
 
-    tiny = build_loaders(beton_dir, batch_size=64, seed=5)  # smaller than one batch: kept
+    # A dataset smaller than one batch is not dropped.
+    tiny = build_loaders(beton_dir, batch_size=64, seed=5, num_workers=1)
     assert sorted(torch.cat([y.clone() for _, y in tiny.train]).tolist()) == list(range(50))
     with pytest.raises(UserError, match="subset"):
         build_loaders(beton_dir, batch_size=10, seed=5, subset=51)
+    many = build_loaders(beton_dir, batch_size=10, seed=5, num_workers=os.cpu_count() + 2)
+    assert len([y for _, y in many.test]) == 1
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST

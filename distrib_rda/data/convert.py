@@ -54,9 +54,13 @@ def convert(
         )
     source = resolve_source(dataset, data_root=data_root, download=download)
     arrays = source.load()
-    return write_dataset(
+    meta = write_dataset(
         arrays, out, dataset=source.dataset, source=source.description + arrays.note
     )
+    height, width, channels = meta.shape
+    print(f"{out}: {meta.num_train} training and {meta.num_test} test images, "
+          f"{height}x{width}x{channels}, {meta.num_classes} classes ({meta.source})")
+    return meta
 
 
 def write_dataset(arrays: Arrays, out: Path, *, dataset: str, source: str) -> DatasetMeta:

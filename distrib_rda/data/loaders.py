@@ -24,6 +24,7 @@ images twice.)
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -104,7 +105,8 @@ def build_loaders(
 
     ``batch_size`` is per rank. ``subset=N`` trains on the first ``N`` training images.
     ``augment=None`` means random crop (padding 4) + horizontal flip for 32x32 colour data and
-    nothing otherwise; ``True``/``False`` force it. ``num_workers`` is FFCV's thread count.
+    nothing otherwise; ``True``/``False`` force it. ``num_workers`` is FFCV's thread count,
+    capped at numba's ``NUMBA_NUM_THREADS`` (the machine's cores by default).
     The training loader drops the last partial batch unless a rank has less than one batch.
     """
     ffcv = import_ffcv()
@@ -122,6 +124,7 @@ def build_loaders(
             f"subset must be between 1 and the {meta.num_train} training images of "
             f"{beton_dir}, got {subset}"
         )
+    num_workers = _thread_limit(num_workers)
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -157,6 +160,17 @@ def build_loaders(
         BetonLoader(test, num_samples=len(test_indices), batch_size=batch_size),
         meta,
     )
+
+
+def _thread_limit(num_workers: int) -> int:
+    """``num_workers``, capped at numba's thread pool size (more makes FFCV's numba fail)."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if num_workers > limit:
+        print(f"distrib-rda: {num_workers} loader threads asked for, numba allows {limit} on "
+              f"this machine (NUMBA_NUM_THREADS): using {limit}", file=sys.stderr)
+    return min(num_workers, limit)
 
 
 def _pipelines(meta: DatasetMeta, *, augment: bool, device: torch.device) -> dict[str, list]:

@@ -93,7 +93,7 @@ class DatasetMeta:
                     f"{path} has format_version {version!r}, this version reads "
                     f"{FORMAT_VERSION}: convert the dataset again with --force."
                 )
-            return cls(
+            meta = cls(
                 classes=tuple(str(name) for name in data["classes"]),
                 num_train=int(data["num_train"]),
                 num_test=int(data["num_test"]),
@@ -104,6 +104,9 @@ class DatasetMeta:
                 dataset=str(data.get("dataset", "")),
                 file_bytes={str(k): int(v) for k, v in data.get("file_bytes", {}).items()},
             )
+            if len(meta.shape) != 3 or not len(meta.mean) == len(meta.std) == meta.shape[2]:
+                raise ValueError(f"shape {meta.shape} with mean {meta.mean} and std {meta.std}")
+            return meta
         except DataSourceError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as error:
