@@ -1,0 +1,326 @@
+"""``distrib-rda tune``: a Ray Tune search whose trials are whole distributed training runs.
+
+Each trial is a Tune function trainable that builds a ``TorchTrainer`` (Train V2) and passes
+``TuneReportCallback``, so Tune sees every epoch's metrics. The trial itself only drives the
+Train controller: it reserves a little memory and no CPU, so the Train workers get the CPUs
+or GPUs. Both objectives are searched at once (Optuna's multi-objective TPE or NSGA-II, or
+random/grid sampling). No Tune scheduler stops trials early: that leaks Train placement groups
+in Ray 2.60 (ray-project/ray#54305).
+
+MLflow: one parent run per search, one child run per trial (``mlflow.parentRunId``), keyed by
+the Tune trial id, so a retried or resumed trial logs into the same child. When the search ends,
+the parent gets ``pareto.png`` and ``pareto.json``, and the front's children the tag
+``pareto=true``.
+
+The search lives in ``storage/name`` (``name`` defaults to the space file's stem); the Train
+runs of its trials in ``storage/name/trials/<trial id>``, and ``search.json`` there names the
+parent run, so ``--resume`` continues the same search under the same parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray import tune
+from ray.tune import CLIReporter
+from rich.console import Console
+
+from distrib_rda import tracking
+from distrib_rda.errors import UserError
+from distrib_rda.search.pareto import plot_search
+from distrib_rda.search.report import ROLE_TAG, TRIAL_TAG, finished_runs, front_of, front_table
+from distrib_rda.search.space import SearchSpec, load_space
+
+SEARCH_FILE = "search.json"
+# The trial only drives the Train controller (which itself asks for 0 CPUs). A bundle needs
+# some resource, so it reserves memory, not a CPU that a Train worker could use.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 128 * 1024**2}
+# Keys a resumed search may change; any other change to the space file or flags is refused.
+RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers"}
+
+
+def run_search(space_path: Path | str, *, trials: int | None = None,
+               max_concurrent: int | None = None, resume: bool = False,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or with ``resume``, continue) the search that ``space_path`` describes.
+
+    ``overrides`` are training-config keys given as flags; they fix those keys for every trial.
+    Returns ``{"parent_run_id", "search_dir", "trials", "errored", "front"}``.
+    """
+    spec = load_space(space_path, overrides=overrides, trials=trials,
+                      max_concurrent=max_concurrent)
+    spec.base = spec.base.replace(
+        tracking_uri=tracking.resolve_tracking_uri(spec.base.tracking_uri),
+        storage=Path(spec.base.storage).expanduser().resolve())
+    cfg = spec.base
+    search_dir = cfg.storage / spec.name
+    state_file = search_dir / SEARCH_FILE
+    if search_dir.exists() and not resume:
+        raise UserError(f"{search_dir}: a search named '{spec.name}' is already there; add "
+                        "--resume to continue it, or --name NEW to start another")
+    if resume and not state_file.is_file():
+        raise UserError(f"--resume: no search '{spec.name}' to resume ({state_file} does not "
+                        "exist); leave out --resume to start it")
+    tracking.check_reachable(cfg.tracking_uri)
+
+    from distrib_rda.training.driver import check_resources, connect
+
+    connect(cfg.address)
+    check_resources(cfg)
+    client = tracking.client_for(cfg.tracking_uri)
+    if resume:
+        parent_run_id = _resume_state(state_file, spec, client)
+    else:
+        parent_run_id = _start_parent(spec, search_dir, state_file)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, spec=spec, parent_run_id=parent_run_id,
+                             search_dir=str(search_dir)),
+        TRIAL_DRIVER_RESOURCES)
+    print(f"search '{spec.name}': {spec.trials} trials of {cfg.model} on {cfg.dataset}, "
+          f"{spec.search.max_concurrent} at a time, {spec.search.algorithm} over "
+          f"{', '.join(spec.space)}; MLflow parent run {parent_run_id} in experiment "
+          f"'{cfg.experiment}'", flush=True)
+    with _legacy_progress_output():
+        if resume and tune.Tuner.can_restore(str(search_dir)):
+            tuner = tune.Tuner.restore(str(search_dir), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=spec.param_space(),
+                               tune_config=_tune_config(spec),
+                               run_config=_run_config(spec, search_dir))
+        results = tuner.fit()
+
+    errored = results.num_errors
+    if results.num_terminated + errored < spec.trials:
+        print(f"search '{spec.name}' interrupted with {results.num_terminated} of "
+              f"{spec.trials} trials done; continue it with --resume", file=sys.stderr)
+        raise KeyboardInterrupt
+    return finish_search(spec, parent_run_id, search_dir, errored=errored)
+
+
+@contextmanager
+def _legacy_progress_output():
+    """Tune's CLIReporter (the table with our parameter and metric columns) is only used by
+    the legacy output engine; Ray 2.60 selects it with ``RAY_AIR_NEW_OUTPUT=0``."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
+def _tune_config(spec: SearchSpec) -> tune.TuneConfig:
+    settings = spec.search
+    if settings.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        if settings.sampler == "nsga2":
+            sampler = optuna.samplers.NSGAIISampler(
+                population_size=max(4, spec.trials // 4), seed=settings.seed)
+        else:
+            sampler = optuna.samplers.TPESampler(
+                n_startup_trials=max(2, min(10, spec.trials // 3)), seed=settings.seed)
+        return tune.TuneConfig(
+            search_alg=OptunaSearch(metric=spec.metrics, mode=spec.modes, sampler=sampler),
+            num_samples=spec.trials, max_concurrent_trials=settings.max_concurrent,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return tune.TuneConfig(
+        search_alg=BasicVariantGenerator(max_concurrent=settings.max_concurrent,
+                                         random_state=settings.seed),
+        num_samples=1 if settings.algorithm == "grid" else spec.trials,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+
+
+def _trial_name(trial) -> str:
+    """Tune's trial name and directory, and the MLflow child run's name."""
+    return f"trial-{trial.trial_id}"
+
+
+def _run_config(spec: SearchSpec, search_dir: Path) -> tune.RunConfig:
+    metrics = list(dict.fromkeys(["epoch", *spec.metrics, "accuracy", "sparsity"]))
+    reporter = CLIReporter(parameter_columns=list(spec.space), metric_columns=metrics,
+                           max_report_frequency=30)
+    return tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent),
+                          progress_reporter=reporter, verbose=1,
+                          failure_config=tune.FailureConfig(max_failures=0))
+
+
+def _start_parent(spec: SearchSpec, search_dir: Path, state_file: Path) -> str:
+    cfg = spec.base
+    run_key = f"search:{search_dir}:{uuid.uuid4().hex}"
+    parent_run_id = tracking.start_run(cfg, run_key=run_key, run_name=spec.name)
+    client = tracking.client_for(cfg.tracking_uri)
+    for key, value in {ROLE_TAG: "search", "search.space_file": str(spec.path.resolve()),
+                       "search.algorithm": spec.search.algorithm,
+                       "search.trials": str(spec.trials),
+                       "search.objectives": ", ".join(f"{o.metric} {o.mode}"
+                                                      for o in spec.objectives),
+                       "search.dir": str(search_dir)}.items():
+        client.set_tag(parent_run_id, key, value)
+    client.log_dict(parent_run_id, spec.as_dict(), "search_space.json")
+    search_dir.mkdir(parents=True)
+    state_file.write_text(json.dumps({
+        "parent_run_id": parent_run_id, "run_key": run_key,
+        "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment,
+        "spec": spec.as_dict(),
+    }, indent=2))
+    return parent_run_id
+
+
+def _resume_state(state_file: Path, spec: SearchSpec, client) -> str:
+    """The parent run of the search to resume, after checking the search is the same one."""
+    state = json.loads(state_file.read_text())
+    saved, current = state["spec"], spec.as_dict()
+    changed = [f"config.{key}: {saved['config'].get(key)!r} -> {value!r}"
+               for key, value in current["config"].items()
+               if key not in RESUMABLE_KEYS and saved["config"].get(key) != value]
+    changed += [f"{section}: {saved.get(section)!r} -> {current[section]!r}"
+                for section in ("space", "objectives", "algorithm", "sampler", "seed")
+                if saved.get(section) != current[section]]
+    if changed:
+        raise UserError(f"--resume: the search in {state_file.parent} was started with a "
+                        f"different space or config ({'; '.join(changed)}); resume it with "
+                        "the same file and flags, or give --name NEW for a new search")
+    parent_run_id = state["parent_run_id"]
+    try:
+        client.get_run(parent_run_id)
+    except Exception:  # noqa: BLE001 - any lookup failure means the run is gone
+        raise UserError(f"--resume: the search's MLflow parent run {parent_run_id} is not in "
+                        f"{spec.base.tracking_uri}; use the --tracking-uri it was started "
+                        "with") from None
+    client.update_run(parent_run_id, status="RUNNING")
+    return parent_run_id
+
+
+def _run_trial(config: dict[str, Any], *, spec: SearchSpec, parent_run_id: str,
+               search_dir: str) -> None:
+    """One trial: train ``config`` with Ray Train into this trial's MLflow child run."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distrib_rda.training import build_trainer
+    from distrib_rda.training.checkpoint import load as load_checkpoint
+    from distrib_rda.training.driver import root_cause
+
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    cfg = spec.trial_config(config).replace(name=f"{spec.name}-{trial_id}")
+    client = tracking.client_for(cfg.tracking_uri)
+    run_key = f"{parent_run_id}/{trial_id}"
+
+    done = _finished_child(client, cfg.experiment, run_key)
+    if done is not None:
+        # Tune's saved state predates this trial's end: report its result, do not retrain.
+        epochs = tracking.logged_epochs(client, done.info.run_id)
+        tune.report({**done.data.metrics, "epoch": max(epochs, default=0)})
+        return
+
+    run_id = tracking.start_run(cfg, run_key=run_key, run_name=trial_name,
+                                parent_run_id=parent_run_id)
+    client.set_tag(run_id, TRIAL_TAG, trial_id)
+    trainer = build_trainer(cfg, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
+                            storage_path=Path(search_dir) / "trials", name=trial_id)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        tracking.mark_failed(cfg, run_id)
+        raise RuntimeError(f"trial {trial_name} failed: {root_cause(error)}") from error
+
+    with result.checkpoint.as_directory() as final:
+        state = load_checkpoint(final)
+    history = state["history"]
+    last = history[-1]
+    layers = {key.removeprefix("sparsity/"): value for key, value in last.items()
+              if key.startswith("sparsity/")}
+    summary = {"run_id": run_id, "trial_id": trial_id, "accuracy": last["accuracy"],
+               "sparsity": last["sparsity"], "nonzeros": last["nonzeros"],
+               "epochs": last["epoch"], "checkpoint": result.checkpoint.path}
+    tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
+                        layer_sparsity=layers, summary=summary)
+    # The final epoch once more, read from the checkpoint: a trial resumed after its last
+    # epoch was checkpointed trains nothing, and Tune must still see its result.
+    tune.report({key: value for key, value in last.items() if isinstance(value, (int, float))})
+
+
+def _finished_child(client, experiment: str, run_key: str):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id],
+                              filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'",
+                              max_results=1)
+    if runs and runs[0].info.status == "FINISHED":
+        return runs[0]
+    return None
+
+
+def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
+                  errored: int = 0) -> dict[str, Any]:
+    """Compute the front over the search's finished children and record it on the parent:
+    ``pareto.png``, ``pareto.json``, and the tag ``pareto=true`` on the front's children."""
+    cfg = spec.base
+    client = tracking.client_for(cfg.tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    metrics = list(dict.fromkeys([*spec.metrics, "accuracy", "sparsity"]))
+    points = finished_runs(client, experiment_id, parent_run_id=parent_run_id,
+                           metrics=tuple(metrics))
+    front = front_of(points, spec.metrics, spec.modes)
+    members = set(front)
+    for i, point in enumerate(points):
+        if i in members:
+            client.set_tag(point.run_id, "pareto", "true")
+        elif "pareto" in point.tags:
+            client.delete_tag(point.run_id, "pareto")
+
+    y_metric, x_metric = spec.metrics  # plotted as in the paper: sparsity across, accuracy up
+    y_mode, x_mode = spec.modes
+    plot_points = [{x_metric: p.metrics[x_metric], y_metric: p.metrics[y_metric],
+                    "lambda_": p.params.get("lambda_")} for p in points]
+    png = search_dir / "pareto.png"
+    if points:
+        title = f"{cfg.experiment}: {len(points)} trials of {cfg.model} on {cfg.dataset}"
+        if spec.name != cfg.experiment:
+            title += f" (search '{spec.name}')"
+        plot_search(plot_points, front, x=x_metric, y=y_metric, modes=(x_mode, y_mode),
+                    title=title, out=png)
+        client.log_artifact(parent_run_id, str(png))
+    payload = {
+        "experiment": cfg.experiment, "search": spec.name, "parent_run_id": parent_run_id,
+        "objectives": [o.model_dump() for o in spec.objectives],
+        "trials_finished": len(points), "trials_errored": errored,
+        "front": [points[i].as_dict() for i in front],
+    }
+    client.log_dict(parent_run_id, payload, "pareto.json")
+    (search_dir / "pareto.json").write_text(json.dumps(payload, indent=2))
+    client.log_metric(parent_run_id, "trials_finished", len(points))
+    client.log_metric(parent_run_id, "pareto_size", len(front))
+    client.set_tag(parent_run_id, "search.trials_errored", str(errored))
+    client.set_terminated(parent_run_id, status="FINISHED")
+
+    console = Console(width=max(Console().width, 140))
+    if points:
+        console.print(front_table(f"search '{spec.name}': Pareto front, {len(front)} of "
+                                  f"{len(points)} finished trials", points, front))
+    if errored:
+        console.print(f"[yellow]{errored} trial(s) failed; their errors are in "
+                      f"{search_dir}; --resume retries them[/yellow]")
+    console.print(f"MLflow parent run {parent_run_id} (experiment '{cfg.experiment}'): "
+                  f"pareto.png, pareto.json; view with: {tracking.ui_hint(cfg.tracking_uri)}")
+    return {"parent_run_id": parent_run_id, "search_dir": str(search_dir),
+            "trials": len(points), "errored": errored,
+            "front": payload["front"]}
