@@ -8,6 +8,8 @@ import tempfile
 import pytest
 import ray
 
+from distrib_rda.training.driver import WORKER_ENV
+
 
 @pytest.fixture(scope="session")
 def beton_cache(tmp_path_factory):
@@ -20,7 +22,7 @@ def ray_local():
     """A real local Ray instance with 2 CPUs, in a private temp dir (short: socket paths)."""
     temp_dir = tempfile.mkdtemp(prefix="rda-", dir="/tmp")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+             runtime_env={"env_vars": WORKER_ENV})
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

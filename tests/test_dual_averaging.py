@@ -87,7 +87,7 @@ def test_sync_every_step_equals_one_process_on_the_concatenated_batch(ray_local,
         for rank in ranks:
             state = rank["states"][step - 1]
             for got, want in zip(state["dual"], reference, strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         for got0, got1 in zip(ranks[0]["states"][step - 1]["dual"],
                               ranks[1]["states"][step - 1]["dual"], strict=True):
             assert torch.equal(got0, got1)

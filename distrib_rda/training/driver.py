@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from distrib_rda import tracking
@@ -21,6 +21,8 @@ from distrib_rda.training import checkpoint
 from distrib_rda.training.loop import train_loop_per_worker
 
 CONFIG_FILE = "distrib_rda_config.json"
+# Ray Train routes workers' print() through a logger that echoes each line twice to the driver.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Keys that may change when a job is resumed; any other change is refused.
 RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers"}
 
@@ -35,7 +37,7 @@ def connect(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise UserError(f"--address {address}: cannot connect to a Ray cluster "
                         f"({str(error).splitlines()[0][:200]})") from None
@@ -89,6 +91,7 @@ def build_trainer(cfg: TrainConfig, *, mlflow_run_id: str, callbacks=(),
             storage_path=str(storage_path or storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=[tracking.MlflowMetricsCallback(cfg.tracking_uri, mlflow_run_id),
                        *callbacks],
         ),
