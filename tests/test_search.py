@@ -354,14 +354,13 @@ def test_search_killed_and_resumed(ray_local, tmp_path, beton_cache, tracking_ur
     space = write_space(tmp_path, TINY, "tiny.yaml")
     args = tune_args(space, tmp_path, beton_cache, tracking_uri)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    MlflowClient(tracking_uri).search_experiments()  # create the store before two processes race
     log_file = tmp_path / "killed-search.log"
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "distrib_rda.cli", *args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             def finished_children():
-                if not (tmp_path / "mlflow.db").exists():
-                    return None
                 try:
                     _, children = search_runs(tracking_uri)
                 except Exception:  # noqa: BLE001 - store or experiment not created yet
@@ -370,7 +369,8 @@ def test_search_killed_and_resumed(ray_local, tmp_path, beton_cache, tracking_ur
 
             wait_for(finished_children, 300, proc, "the first trial finished", log_file)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
     parents, before = search_runs(tracking_uri)

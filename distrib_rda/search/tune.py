@@ -251,7 +251,7 @@ def _run_trial(config: dict[str, Any], *, spec: SearchSpec, parent_run_id: str,
                "sparsity": last["sparsity"], "nonzeros": last["nonzeros"],
                "epochs": last["epoch"], "checkpoint": result.checkpoint.path}
     tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
-                        layer_sparsity=layers, summary=summary)
+                        model_args=state["model_args"], layer_sparsity=layers, summary=summary)
     # The final epoch once more, read from the checkpoint: a trial resumed after its last
     # epoch was checkpointed trains nothing, and Tune must still see its result.
     tune.report({key: value for key, value in last.items() if isinstance(value, (int, float))})
