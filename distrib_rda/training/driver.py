@@ -16,6 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from distrib_rda import tracking
 from distrib_rda.config import TrainConfig
+from distrib_rda.data import ensure_converted
 from distrib_rda.errors import UserError
 from distrib_rda.training import checkpoint
 from distrib_rda.training.loop import train_loop_per_worker
@@ -114,6 +115,10 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     storage, name = run_directory(cfg)
     cfg = cfg.replace(name=name)
     directory = storage / name
+    # Converting here checks the source before Ray starts, with progress in this terminal;
+    # workers on other nodes convert into their own node's cache.
+    ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
+                     cache_dir=cfg.cache_dir)
     check_resume(cfg, directory)
     connect(cfg.address)
     check_resources(cfg)
