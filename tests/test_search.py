@@ -28,7 +28,7 @@ from distrib_rda.config import ConfigError, TrainConfig
 from distrib_rda.errors import UserError
 from distrib_rda.search import load_space, non_dominated, pareto_report
 from distrib_rda.search.pareto import plot_fronts, plot_search, staircase
-from distrib_rda.search.tune import finish_search
+from distrib_rda.search.tune import _start_parent, finish_search, run_search
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHED = {"lambda_", "gamma", "init_scale", "adaptive", "eps", "restart"}
@@ -301,6 +301,30 @@ TINY = {
               "restart": {"choice": [[], [1]]}},
     "search": {"algorithm": "optuna", "trials": 4, "max_concurrent": 2, "seed": 0},
 }
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, tracking_uri):
+    """Checked before Ray starts: nothing to resume, or a different search under the name."""
+    path = write_space(tmp_path, TINY, "tiny.yaml")
+    flags = {"storage": tmp_path / "results", "tracking_uri": tracking_uri}
+    with pytest.raises(UserError, match=r"--resume: no search 'tiny' to resume"):
+        run_search(path, resume=True, overrides=flags)
+    spec = load_space(path, overrides=flags)
+    spec.base = spec.base.replace(storage=(tmp_path / "results").resolve())
+    search_dir = tmp_path / "results" / "tiny"
+    parent = _start_parent(spec, search_dir, search_dir / "search.json")
+    assert json.loads((search_dir / "search.json").read_text())["parent_run_id"] == parent
+
+    with pytest.raises(UserError, match=r"a search named 'tiny' is already there; add --resume"):
+        run_search(path, overrides=flags)
+    with pytest.raises(UserError, match=r"--resume: .*config.epochs: 1 -> 2"):
+        run_search(path, resume=True, overrides={**flags, "epochs": 2})
+    with pytest.raises(UserError, match=r"--trials 3: .* runs trials 4"):
+        run_search(path, resume=True, trials=3, overrides=flags)
+    changed = {**TINY, "space": {**TINY["space"], "gamma": {"uniform": [0.1, 1.0]}}}
+    with pytest.raises(UserError, match=r"--resume: .*space: "):
+        run_search(write_space(tmp_path, changed, "tiny.yaml"), resume=True, overrides=flags)
+    assert MlflowClient(tracking_uri).get_run(parent).info.status == "RUNNING"
 
 
 def tune_args(space: Path, tmp_path: Path, beton_cache: Path, tracking_uri: str,

@@ -70,14 +70,15 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
         raise UserError(f"--resume: no search '{spec.name}' to resume ({state_file} does not "
                         "exist); leave out --resume to start it")
     tracking.check_reachable(cfg.tracking_uri)
+    client = tracking.client_for(cfg.tracking_uri)
+    parent_run_id = _check_resume(state_file, spec, client) if resume else None
 
     from distrib_rda.training.driver import check_resources, connect
 
     connect(cfg.address)
     check_resources(cfg)
-    client = tracking.client_for(cfg.tracking_uri)
-    if resume:
-        parent_run_id = _resume_state(state_file, spec, client)
+    if parent_run_id:
+        client.update_run(parent_run_id, status="RUNNING")
     else:
         parent_run_id = _start_parent(spec, search_dir, state_file)
 
@@ -178,12 +179,13 @@ def _start_parent(spec: SearchSpec, search_dir: Path, state_file: Path) -> str:
     state_file.write_text(json.dumps({
         "parent_run_id": parent_run_id, "run_key": run_key,
         "tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment,
+        "trials": spec.trials, "max_concurrent": spec.search.max_concurrent,
         "spec": spec.as_dict(),
     }, indent=2))
     return parent_run_id
 
 
-def _resume_state(state_file: Path, spec: SearchSpec, client) -> str:
+def _check_resume(state_file: Path, spec: SearchSpec, client) -> str:
     """The parent run of the search to resume, after checking the search is the same one."""
     state = json.loads(state_file.read_text())
     saved, current = state["spec"], spec.as_dict()
@@ -197,6 +199,12 @@ def _resume_state(state_file: Path, spec: SearchSpec, client) -> str:
         raise UserError(f"--resume: the search in {state_file.parent} was started with a "
                         f"different space or config ({'; '.join(changed)}); resume it with "
                         "the same file and flags, or give --name NEW for a new search")
+    for flag, key, value in (("--trials", "trials", spec.trials),
+                             ("--max-concurrent", "max_concurrent", spec.search.max_concurrent)):
+        if state.get(key, value) != value:
+            raise UserError(f"{flag} {value}: the search in {state_file.parent} runs "
+                            f"{key.replace('_', ' ')} {state[key]}, and Tune resumes it as it "
+                            f"was started; leave {flag} out")
     parent_run_id = state["parent_run_id"]
     try:
         client.get_run(parent_run_id)
@@ -204,7 +212,6 @@ def _resume_state(state_file: Path, spec: SearchSpec, client) -> str:
         raise UserError(f"--resume: the search's MLflow parent run {parent_run_id} is not in "
                         f"{spec.base.tracking_uri}; use the --tracking-uri it was started "
                         "with") from None
-    client.update_run(parent_run_id, status="RUNNING")
     return parent_run_id
 
 
