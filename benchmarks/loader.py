@@ -19,7 +19,11 @@ both; FFCV decodes with ``--workers`` threads; each DataLoader worker process ru
 thread (PyTorch's default in workers). So each side has ``--workers`` cores of loading.
 
 Timing: one untimed warm-up epoch each (FFCV's JIT compilation, the DataLoader's worker
-start), then the mean over ``--epochs`` timed epochs of just iterating the batches.
+start), then ``--epochs`` timed epochs of each, taken in turns (one FFCV epoch, one DataLoader
+epoch, ...) so that a busy machine slows both alike; images/s = images / summed epoch time.
+The loop only iterates the batches: this measures the loaders, not a model. Also printed:
+images per CPU-second (this process's threads plus the DataLoader's worker processes, from
+/proc), which a machine shared with other jobs distorts less than wall time.
 
     .venv/bin/python benchmarks/loader.py [--epochs 3] [--batch-size 256] [--workers 2]
 """
@@ -78,17 +82,48 @@ def dataloader(arrays: Arrays, meta: DatasetMeta, *, augment: bool, batch_size: 
     )
 
 
-def images_per_second(loader: Iterable, epochs: int) -> tuple[float, tuple[int, ...]]:
-    """Mean images/s over ``epochs`` timed epochs after one warm-up epoch."""
-    shape: tuple[int, ...] = ()
-    for images, _ in loader:  # warm-up
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time (user + system) used so far by this process, all threads, and by ``pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(os.times()[:2])
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def worker_pids(loader: Iterable) -> list[int]:
+    """The DataLoader's persistent worker processes (none for FFCV: its workers are threads)."""
+    iterator = getattr(loader, "_iterator", None)
+    return [worker.pid for worker in getattr(iterator, "_workers", [])]
+
+
+def epoch(loader: Iterable) -> tuple[float, float, int, tuple[int, ...]]:
+    """Wall and CPU seconds of iterating one epoch; the images seen; the batch shape."""
+    pids = worker_pids(loader)
+    seen, shape = 0, ()
+    cpu, start = cpu_seconds(pids), time.perf_counter()
+    for images, labels in loader:
+        seen += len(labels)
         shape = tuple(images.shape)
-    seen, start = 0, time.perf_counter()
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    return time.perf_counter() - start, cpu_seconds(pids) - cpu, seen, shape
+
+
+def race(loaders: dict[str, Iterable], epochs: int) -> dict[str, tuple[float, float]]:
+    """(images per wall second, images per CPU second) of each loader.
+
+    One warm-up epoch each, then ``epochs`` timed epochs taken round-robin, one epoch of each
+    per round, so that machine noise hits all of them alike.
+    """
+    shapes = {name: epoch(loader)[3] for name, loader in loaders.items()}
+    assert len(set(shapes.values())) == 1, shapes
+    totals = {name: np.zeros(3) for name in loaders}
     for _ in range(epochs):
-        for images, labels in loader:
-            seen += len(labels)
-            assert images.dtype == torch.float32 and labels.dtype == torch.int64
-    return seen / (time.perf_counter() - start), shape
+        for name, loader in loaders.items():
+            wall, cpu, seen, _ = epoch(loader)
+            totals[name] += (wall, cpu, seen)
+    return {name: (seen / wall, seen / cpu) for name, (wall, cpu, seen) in totals.items()}
 
 
 def generated_rgb(count: int = 50_000, test: int = 1_000) -> Arrays:
@@ -140,19 +175,18 @@ def main() -> None:
              resolve_source("fashion-mnist").load(), False),
             ("generated 50k 32x32x3, crop+flip", rgb_dir, rgb, True),
         ]
-        print(f"{'job':36} {'FFCV img/s':>12} {'DataLoader img/s':>17} {'ratio':>7}")
+        print(f"{'job':34} {'FFCV img/s':>11} {'DataLoader':>11} {'ratio':>6}   "
+              f"{'FFCV img/CPU-s':>14} {'DataLoader':>11} {'ratio':>6}")
         for name, beton_dir, arrays, augment in jobs:
             ffcv = build_loaders(beton_dir, batch_size=args.batch_size, seed=0,
                                  augment=augment, num_workers=args.workers)
-            ffcv_rate, ffcv_shape = images_per_second(ffcv.train, args.epochs)
             torch_loader = dataloader(arrays, ffcv.meta, augment=augment,
                                       batch_size=args.batch_size, workers=args.workers)
-            torch_rate, torch_shape = images_per_second(torch_loader, args.epochs)
+            rates = race({"ffcv": ffcv.train, "torch": torch_loader}, args.epochs)
             del torch_loader
-            assert ffcv_shape == torch_shape, (ffcv_shape, torch_shape)
-            print(f"{name:36} {ffcv_rate:12,.0f} {torch_rate:17,.0f} "
-                  f"{ffcv_rate / torch_rate:6.1f}x", flush=True)
-
+            (fast, fast_cpu), (slow, slow_cpu) = rates["ffcv"], rates["torch"]
+            print(f"{name:34} {fast:11,.0f} {slow:11,.0f} {fast / slow:5.1f}x   "
+                  f"{fast_cpu:14,.0f} {slow_cpu:11,.0f} {fast_cpu / slow_cpu:5.1f}x", flush=True)
 
 if __name__ == "__main__":
     main()
