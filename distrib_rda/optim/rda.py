@@ -1,0 +1,411 @@
+r"""Regularized dual averaging with an l1 term (RDA), DESIGN.md section 2.
+
+For each parameter tensor, element-wise, with :math:`w_1` the value the optimizer first saw:
+
+.. math::
+    G_t = \sum_{\tau \le t} g_\tau, \qquad
+    w_{t+1} = \operatorname*{argmin}_w \langle G_t, w\rangle + t\lambda\|w\|_1
+              + \tfrac{\beta_t}{2}\|w - w_1\|^2
+            = S_{t\lambda/\beta_t}\!\left(w_1 - G_t/\beta_t\right),
+
+with :math:`S_\tau(u) = \operatorname{sign}(u)\max(|u| - \tau, 0)` and either
+:math:`\beta_t = \gamma\sqrt{t}` or, with ``adaptive=True``,
+:math:`\beta_t = \gamma(\sqrt{\textstyle\sum_{\tau \le t} g_\tau^2} + \epsilon)` per element.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+
+__all__ = ["RDA", "CENTERS"]
+
+CENTERS = ("init", "zero")
+
+# Elements per thread processed together by the per-tensor path, so that the few passes over
+# one chunk stay in the core's L2 cache (64Ki float32 = 256 KiB per tensor).
+_CHUNK_PER_THREAD = 1 << 16
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_foreach(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"foreach must be None, True or False, got {value!r}")
+    return value
+
+
+def resolve_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
+    """``foreach=None`` picks what torch's own optimizers pick (multi-tensor on CUDA, not CPU)."""
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return bool(foreach)
+
+
+def chunk_size() -> int:
+    return _CHUNK_PER_THREAD * max(1, torch.get_num_threads())
+
+
+def chunked(tensors: list[Tensor | None], chunk: int) -> Iterable[tuple[Tensor | None, ...]]:
+    """Yield matching element-wise chunks of same-shaped tensors (whole tensors if not contiguous).
+
+    ``None`` entries are passed through as ``None``.
+    """
+    present = [t for t in tensors if t is not None]
+    if present[0].numel() <= chunk or not all(t.is_contiguous() for t in present):
+        yield tuple(tensors)
+        return
+    splits = [t.view(-1).split(chunk) if t is not None else None for t in tensors]
+    for i in range(len(splits[tensors.index(present[0])])):
+        yield tuple(s[i] if s is not None else None for s in splits)
+
+
+def soft_threshold_(x: Tensor, tau: float) -> Tensor:
+    """In place, ``x <- S_tau(x) = sign(x) * max(|x| - tau, 0)``, one pass."""
+    return torch._C._nn.softshrink(x, tau, out=x)
+
+
+def foreach_soft_threshold_(xs: list[Tensor], tau: float) -> None:
+    """In place over a list, ``x <- x - clamp(x, -tau, tau)``: equal to :func:`soft_threshold_`
+    bit for bit (``x - tau``, ``x + tau`` or ``x - x = 0``)."""
+    clipped = torch._foreach_clamp_min(xs, -tau)
+    torch._foreach_clamp_max_(clipped, tau)
+    torch._foreach_sub_(xs, clipped)
+
+
+class RDA(Optimizer):
+    r"""l1-regularized dual averaging (Xiao 2010; He et al. 2020 for CNNs), DESIGN.md section 2.
+
+    .. math::
+       \begin{aligned}
+         &\textbf{state per parameter: } w_1 \text{ (``center''; } 0 \text{ if center=``zero''}),
+             \; G_0 = 0 \text{ (``dual\_sum''}), \; t = 0 \text{ (``step''}),
+             \; t_0 = 0 \text{ (``restart\_step''}), \; Q_0 = 0 \text{ (``sq\_sum''}) \\
+         &\textbf{for each step with gradient } g: \\
+         &\quad t \leftarrow t + 1, \quad G_t = G_{t-1} + g \\
+         &\quad \textbf{if } \text{adaptive}: Q_t = Q_{t-1} + g^2, \;
+             \beta_t = \gamma(\sqrt{Q_t} + \epsilon) \\
+         &\quad \textbf{else}: \beta_t = \gamma\sqrt{t} \\
+         &\quad w \leftarrow S_{(t - t_0)\lambda/\beta_t}\bigl(w_1 - G_t/\beta_t\bigr),
+             \qquad S_\tau(u) = \operatorname{sign}(u)\max(|u| - \tau, 0)
+       \end{aligned}
+
+    which is :math:`\operatorname{argmin}_w \langle G_t, w\rangle + (t - t_0)\lambda\|w\|_1
+    + \frac{\beta_t}{2}\|w - w_1\|^2`. Without restarts :math:`t_0 = 0`, the formula of
+    DESIGN.md. Groups with :math:`\lambda = 0` do plain dual averaging, :math:`w_1 - G_t/\beta_t`.
+    With ``center="zero"`` :math:`w_1` is 0 in the formula (Xiao's original). :math:`\gamma`
+    acts as an inverse learning rate: the step on the gradient sum is :math:`1/\beta_t`.
+
+    :math:`w_1` is taken when the parameter is added to the optimizer (construction or
+    :meth:`add_param_group`), so every parameter has its state from the start.
+
+    **Restart** (:meth:`restart`, at step :math:`t_r`): :math:`w_1 \leftarrow w_{t_r+1}`,
+    :math:`G \leftarrow 0`, :math:`t_0 \leftarrow t_r`, while :math:`t` and :math:`Q` go on.
+    After it, for :math:`t > t_r`,
+
+    .. math::
+       w_{t+1} = S_{(t - t_r)\lambda/\beta_t}\Bigl(w_{t_r+1} - \sum_{t_r < \tau \le t} g_\tau
+       \big/ \beta_t\Bigr),
+
+    so :math:`\beta` stays on the global clock (the first step after a restart moves the
+    weights by :math:`g/\beta_{t_r+1}`, as large as the step before it, not by :math:`g/\gamma`
+    as a naive :math:`t \leftarrow 0` would), and the l1 weight is counted from the restart
+    (the threshold starts again at :math:`\lambda/\beta_t` instead of zeroing every weight
+    below :math:`t\lambda/\beta_t` at once).
+
+    Args:
+        params: parameters or parameter groups (dicts); every keyword below can be set per group.
+        lambda_: l1 strength :math:`\lambda \ge 0`.
+        gamma: :math:`\gamma > 0`, the scale of :math:`\beta_t`.
+        adaptive: diagonal AdaGrad :math:`\beta_t` instead of :math:`\gamma\sqrt{t}`.
+        eps: :math:`\epsilon > 0` in the adaptive :math:`\beta_t`.
+        center: ``"init"`` (prox centre :math:`w_1`) or ``"zero"``.
+        foreach: multi-tensor ``torch._foreach_*`` path; ``None`` picks it where torch's own
+            optimizers do (CUDA), else the per-tensor path. Both give the same numbers.
+
+    Sparse gradients are refused (``ValueError``) at step time.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lambda_: float = 0.0,
+        gamma: float = 1.0,
+        adaptive: bool = False,
+        eps: float = 1e-8,
+        center: str = "init",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lambda_=lambda_,
+            gamma=gamma,
+            adaptive=adaptive,
+            eps=eps,
+            center=center,
+            foreach=foreach,
+        )
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        check_nonnegative("lambda_", group["lambda_"])
+        check_positive("gamma", group["gamma"])
+        check_positive("eps", group["eps"])
+        if not isinstance(group["adaptive"], bool):
+            raise ValueError(f"adaptive must be True or False, got {group['adaptive']!r}")
+        if group["center"] not in CENTERS:
+            raise ValueError(f"center must be one of {', '.join(CENTERS)}, got {group['center']!r}")
+        check_foreach(group["foreach"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        for p in group["params"]:
+            self._init_state(p, group)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["restart_step"] = 0
+            state["center"] = p.detach().clone(memory_format=torch.preserve_format)
+            state["dual_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["adaptive"] and "sq_sum" not in state:
+            state["sq_sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _gather(self, group: dict[str, Any], with_grads: bool):
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        states: list[dict[str, Any]] = []
+        for p in group["params"]:
+            if with_grads:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(
+                        "RDA does not support sparse gradients; got a sparse gradient for a "
+                        f"parameter of shape {tuple(p.shape)}"
+                    )
+                grads.append(p.grad)
+            state = self._init_state(p, group)
+            if not with_grads and state["step"] == 0:
+                continue
+            params.append(p)
+            states.append(state)
+        return params, grads, states
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Add each parameter's gradient to its dual sum and set the parameter to the prox."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._check_group(group)
+            params, grads, states = self._gather(group, with_grads=True)
+            if not params:
+                continue
+            for state in states:
+                state["step"] += 1
+            self._update(group, params, grads, states)
+        return loss
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Set every parameter that has taken a step to the prox of its state, with no new gradient:
+        ``w = S_{(t - t0)*lam/beta_t}(w1 - G/beta_t)``. After the dual tensors were all-reduced
+        (:meth:`dual_state_tensors`), this makes the weights of every rank equal."""
+        for group in self.param_groups:
+            self._check_group(group)
+            params, _, states = self._gather(group, with_grads=False)
+            if params:
+                self._update(group, params, None, states)
+
+    def dual_state_tensors(self) -> list[Tensor]:
+        """The state tensors to all-reduce with AVG at a local-dual-averaging sync, in place.
+
+        Per group, per parameter in order: ``dual_sum``, then ``sq_sum`` when the group is
+        adaptive. These are the state tensors themselves, not copies."""
+        out: list[Tensor] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self._init_state(p, group)
+                out.append(state["dual_sum"])
+                if group["adaptive"]:
+                    out.append(state["sq_sum"])
+        return out
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Re-centre at the current weights: ``w1 <- w``, ``G <- 0``, ``t0 <- t`` (see the class
+        docstring); ``t`` and the squared-gradient sums go on, so the step stays continuous.
+
+        Refused (``ValueError``) for groups with ``center="zero"``, whose prox centre is 0."""
+        for group in self.param_groups:
+            if group["center"] != "init":
+                raise ValueError(
+                    "restart() re-centres the prox at the current weights and needs "
+                    f"center='init'; a parameter group has center={group['center']!r}"
+                )
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self._init_state(p, group)
+                state["center"].copy_(p.detach())
+                state["dual_sum"].zero_()
+                state["restart_step"] = state["step"]
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor] | None,
+        states: list[dict[str, Any]],
+    ) -> None:
+        foreach = resolve_foreach(group["foreach"], params)
+        if group["adaptive"]:
+            fn = _multi_tensor_adaptive if foreach else _single_tensor_adaptive
+        else:
+            fn = _multi_tensor_scalar if foreach else _single_tensor_scalar
+        fn(
+            params,
+            grads,
+            states,
+            lam=float(group["lambda_"]),
+            gamma=float(group["gamma"]),
+            eps=float(group["eps"]),
+            from_init=group["center"] == "init",
+        )
+
+
+def _buckets(params, grads, states):
+    """Group the work by (device, dtype, t, t0): within a bucket every scalar is shared."""
+    out: dict[tuple, tuple[list, list, list]] = {}
+    for i, (p, state) in enumerate(zip(params, states, strict=True)):
+        key = (p.device, p.dtype, state["step"], state["restart_step"])
+        ps, gs, ss = out.setdefault(key, ([], [], []))
+        ps.append(p)
+        gs.append(grads[i] if grads is not None else None)
+        ss.append(state)
+    return out
+
+
+def _single_tensor_scalar(params, grads, states, *, lam, gamma, eps, from_init):
+    chunk = chunk_size()
+    for i, (p, state) in enumerate(zip(params, states, strict=True)):
+        t = state["step"]
+        beta = gamma * math.sqrt(t)
+        alpha = -1.0 / beta
+        tau = (t - state["restart_step"]) * lam / beta
+        g = grads[i] if grads is not None else None
+        for pc, gc, wc, dc in chunked([p, g, state["center"], state["dual_sum"]], chunk):
+            if gc is not None:
+                dc.add_(gc)
+            if from_init:
+                torch.add(wc, dc, alpha=alpha, out=pc)
+            else:
+                torch.mul(dc, alpha, out=pc)
+            if tau > 0:
+                soft_threshold_(pc, tau)
+
+
+def _multi_tensor_scalar(params, grads, states, *, lam, gamma, eps, from_init):
+    for (_, _, t, t0), (ps, gs, ss) in _buckets(params, grads, states).items():
+        beta = gamma * math.sqrt(t)
+        alpha = -1.0 / beta
+        tau = (t - t0) * lam / beta
+        duals = [s["dual_sum"] for s in ss]
+        if grads is not None:
+            torch._foreach_add_(duals, gs)
+        if from_init:
+            torch._foreach_copy_(ps, [s["center"] for s in ss])
+            torch._foreach_add_(ps, duals, alpha=alpha)
+        else:
+            torch._foreach_copy_(ps, duals)
+            torch._foreach_mul_(ps, alpha)
+        if tau > 0:
+            foreach_soft_threshold_(ps, tau)
+
+
+# Adaptive beta is per element, so the threshold t*lam/beta is too. Both paths use
+#   S_{tau/beta}(w1 - G/beta) = S_tau(beta*w1 - G)/beta = S_tau(G - beta*w1)/(-beta)
+# which thresholds by the scalar tau = (t - t0)*lam.
+
+
+def _single_tensor_adaptive(params, grads, states, *, lam, gamma, eps, from_init):
+    chunk = chunk_size()
+    for i, (p, state) in enumerate(zip(params, states, strict=True)):
+        tau = (state["step"] - state["restart_step"]) * lam
+        g = grads[i] if grads is not None else None
+        scratch = None
+        if from_init or tau > 0:
+            scratch = torch.empty(min(p.numel(), chunk), dtype=p.dtype, device=p.device)
+        tensors = [p, g, state["center"], state["dual_sum"], state["sq_sum"]]
+        for pc, gc, wc, dc, qc in chunked(tensors, chunk):
+            if gc is not None:
+                qc.addcmul_(gc, gc)
+                dc.add_(gc)
+            neg_beta = torch.sqrt(qc, out=pc).add_(eps).mul_(-gamma)
+            num = dc
+            if scratch is not None:
+                if pc.is_contiguous():
+                    sc = scratch[: pc.numel()].view_as(pc)
+                else:
+                    sc = torch.empty_like(pc)
+                if from_init:
+                    num = torch.addcmul(dc, wc, neg_beta, out=sc)
+                if tau > 0:
+                    num = torch._C._nn.softshrink(num, tau, out=sc)
+            torch.div(num, neg_beta, out=pc)
+
+
+def _multi_tensor_adaptive(params, grads, states, *, lam, gamma, eps, from_init):
+    for (_, _, t, t0), (ps, gs, ss) in _buckets(params, grads, states).items():
+        tau = (t - t0) * lam
+        duals = [s["dual_sum"] for s in ss]
+        if grads is not None:
+            torch._foreach_addcmul_([s["sq_sum"] for s in ss], gs, gs)
+            torch._foreach_add_(duals, gs)
+        neg_beta = torch._foreach_sqrt([s["sq_sum"] for s in ss])
+        torch._foreach_add_(neg_beta, eps)
+        torch._foreach_mul_(neg_beta, -gamma)
+        if from_init:
+            num = torch._foreach_addcmul(duals, [s["center"] for s in ss], neg_beta)
+        else:
+            num = duals
+        if tau > 0:
+            clipped = torch._foreach_clamp_min(num, -tau)
+            torch._foreach_clamp_max_(clipped, tau)
+            if num is duals:
+                num = torch._foreach_sub(duals, clipped)
+            else:
+                torch._foreach_sub_(num, clipped)
+        if num is duals:
+            num = torch._foreach_div(duals, neg_beta)
+        else:
+            torch._foreach_div_(num, neg_beta)
+        torch._foreach_copy_(ps, num)
