@@ -120,6 +120,11 @@ command -v ray >/dev/null || die "ray is not on PATH; run ./scripts/setup.sh fir
 command -v mlflow >/dev/null || die "mlflow is not on PATH; run ./scripts/setup.sh first"
 PY=$(dirname "$(command -v ray)")/python
 [[ -x $PY ]] || PY=python3
+if [[ $COMMAND == start ]] &&
+  ! "$PY" -c "import ray.dashboard.modules.job.job_head" 2>/dev/null; then
+  die "Ray's job API needs ray[default] (aiohttp_cors, grpcio, ...): pip install 'ray[default]==$(
+    "$PY" -c 'import ray; print(ray.__version__)')'"
+fi
 
 # Every process started here, and every process they start, carries this marker in its
 # environment, so `stop` finds job drivers and workers that left the recorded process groups.
@@ -379,15 +384,18 @@ do_start() {
   GCS_ADDRESS=$(cat "$RAY_TMP/head/ray_current_cluster" 2>/dev/null) ||
     fail_start "the head node did not write $RAY_TMP/head/ray_current_cluster"
 
-  # One at a time: two raylets starting together race for the same socket names.
-  local i
+  # All at once: each node has a temp dir (and socket names) of its own.
+  local i starters=()
   for ((i = 1; i <= WORKERS; i++)); do
     echo "Starting worker node $i (logs: $LOGS/worker-$i.log)"
     launch "worker-$i" "$LOGS/worker-$i.log" ray start --address="$GCS_ADDRESS" \
       --num-cpus="$CPUS_PER_WORKER" --num-gpus="$GPUS_PER_WORKER" \
       --dashboard-agent-listen-port="${ports[$((5 + i))]}" --temp-dir="$RAY_TMP/worker-$i" \
       "${common[@]}"
-    wait "$LAUNCHED" || fail_start "worker node $i did not start"
+    starters+=("$LAUNCHED")
+  done
+  for ((i = 1; i <= WORKERS; i++)); do
+    wait "${starters[$((i - 1))]}" || fail_start "worker node $i did not start"
   done
 
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120 "$mlflow_pid" ||

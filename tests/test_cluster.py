@@ -223,6 +223,7 @@ def test_local_cluster_runs_a_training_job_across_nodes(local_cluster, beton_cac
     started = time.monotonic()
     start = run([LOCAL_SH, "start", "--workers", 2, "--state-dir", state], env, timeout=300)
     assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+    seconds = {"start": time.monotonic() - started}
     addresses = dict(line.split("=", 1) for line in (state / "addresses").read_text().split())
     dashboard, mlflow_uri = addresses["dashboard"], addresses["mlflow"]
     ray_tmp = (state / "ray").resolve()
@@ -244,6 +245,7 @@ def test_local_cluster_runs_a_training_job_across_nodes(local_cluster, beton_cac
                "--storage", tmp_path / "results", "--cache-dir", beton_cache], env, timeout=600)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
+    seconds["job"] = time.monotonic() - started - sum(seconds.values())
     summary = json.loads([line for line in job.stdout.splitlines()
                           if line.startswith("{") and '"run_id"' in line][-1])
     assert summary["epochs"] == 1 and 0.0 <= summary["sparsity"] <= 1.0 and summary["nonzeros"] > 0
@@ -273,7 +275,10 @@ def test_local_cluster_runs_a_training_job_across_nodes(local_cluster, beton_cac
     assert history[0].value == pytest.approx(summary["sparsity"])
 
     # `stop` ends every process the cluster started, job drivers and Ray workers included.
+    stopping = time.monotonic()
     stop = run([LOCAL_SH, "stop", "--state-dir", state], env, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert processes_of(state, ray_tmp) == []
-    print(f"local cluster end to end: {time.monotonic() - started:.0f} s")
+    seconds["stop"] = time.monotonic() - stopping
+    print("local cluster, seconds:", {key: round(value) for key, value in seconds.items()},
+          f"total {time.monotonic() - started:.0f}")
