@@ -114,6 +114,8 @@ def check_ray_cluster_spec(spec: dict) -> None:
     head = spec["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP"
     assert head["rayStartParams"]["num-cpus"] == "0"
+    if spec.get("enableInTreeAutoscaling"):  # the autoscaler sidecar talks to the K8s API
+        assert head["template"]["spec"].get("automountServiceAccountToken", True)
     assert spec["workerGroupSpecs"], "no worker group"
     for group in spec["workerGroupSpecs"]:
         assert {"groupName", "minReplicas", "maxReplicas", "rayStartParams"} <= group.keys()
