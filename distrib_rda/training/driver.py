@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,11 +38,27 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable_address(address)
     try:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise UserError(f"--address {address}: cannot connect to a Ray cluster "
                         f"({str(error).splitlines()[0][:200]})") from None
+
+
+def check_reachable_address(address: str, timeout: float = 5.0) -> None:
+    """Ray retries an unreachable GCS for many minutes; a plain TCP probe answers in seconds."""
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or a name Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error}); start "
+                        "one with `ray start --head` or cluster/local.sh, or leave out "
+                        "--address to run on a local instance") from None
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -111,14 +128,14 @@ def root_cause(error: BaseException) -> str:
 def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train, record it in MLflow, and print a summary."""
     cfg = cfg.replace(tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri))
-    tracking.check_reachable(cfg.tracking_uri)
-    storage, name = run_directory(cfg)
-    cfg = cfg.replace(name=name)
-    directory = storage / name
     # Converting here checks the source before Ray starts, with progress in this terminal;
     # workers on other nodes convert into their own node's cache.
     ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
                      cache_dir=cfg.cache_dir)
+    tracking.check_reachable(cfg.tracking_uri)
+    storage, name = run_directory(cfg)
+    cfg = cfg.replace(name=name)
+    directory = storage / name
     check_resume(cfg, directory)
     connect(cfg.address)
     check_resources(cfg)
