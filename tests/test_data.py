@@ -338,6 +338,14 @@ def _image_tree(root: Path, *, mode: str, split: bool) -> dict[str, np.ndarray]:
     return images
 
 
+def test_imagefolder_holds_out_the_last_tenth_of_each_class():
+    files = [(Path(f"{label}/{i:02d}.png"), label) for label, n in enumerate((1, 4, 25))
+             for i in range(n)]
+    train, test = sources._hold_out(files)
+    assert [str(path) for path, _ in test] == ["1/03.png", "2/23.png", "2/24.png"]
+    assert sorted(train + test) == sorted(files)
+
+
 @pytest.mark.parametrize("mode,split", [("RGB", False), ("L", True)])
 def test_imagefolder(tmp_path, mode, split):
     images = _image_tree(tmp_path / "tree", mode=mode, split=split)

@@ -14,9 +14,10 @@ Datasets:
 - ``cifar10`` and ``cifar100``: torchvision's layout, ``DATA_ROOT/cifar-10-batches-py/`` and
   ``DATA_ROOT/cifar-100-python/`` (the unpacked python-version archives).
 - ``imagefolder:PATH``: one folder per class. With ``PATH/train/`` and ``PATH/test/`` (or
-  ``PATH/val/``) those are the splits; otherwise every tenth file of each class, in sorted
-  order, is held out for test. Images that are all greyscale stay one channel, others become
-  RGB; images whose size differs from the first one's are resized to it (bilinear).
+  ``PATH/val/``) those are the splits; otherwise the last tenth of each class's files (sorted
+  by name; at least one of a class with two or more) is held out for test. Images that are
+  all greyscale stay one channel, others become RGB; images whose size differs from the first
+  one's are resized to it (bilinear).
 """
 
 from __future__ import annotations
@@ -357,14 +358,8 @@ def _imagefolder(path: Path) -> Source:
             split = f"{path / 'train'} and {test_dir}"
         else:
             classes, class_to_idx = find_classes(path)
-            samples = _image_files(path, class_to_idx)
-            rank_in_class: dict[int, int] = {}
-            train, test = [], []
-            for sample in samples:  # sorted by class, then file name
-                rank = rank_in_class.get(sample[1], 0)
-                rank_in_class[sample[1]] = rank + 1
-                (test if rank % 10 == 9 else train).append(sample)
-            split = f"{path}, every tenth file of each class held out for test"
+            train, test = _hold_out(_image_files(path, class_to_idx))
+            split = f"{path}, the last tenth of each class's files held out for test"
     except FileNotFoundError as error:
         raise DataSourceError(f"imagefolder: {error}. Expected {layout}.") from None
     if not train or not test:
@@ -375,6 +370,22 @@ def _imagefolder(path: Path) -> Source:
     files = tuple(p for p, _ in train) + tuple(p for p, _ in test)
     return Source(f"imagefolder:{path}", f"imagefolder {split}", files,
                   lambda: _read_images(train, test, tuple(classes)))
+
+
+def _hold_out(
+    samples: Sequence[tuple[Path, int]],
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Split (file, label) pairs sorted by class and name: of a class's ``n`` files the last
+    ``max(1, n // 10)`` go to test, none if ``n == 1``."""
+    by_class: dict[int, list[tuple[Path, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, test = [], []
+    for files in by_class.values():
+        held = max(1, len(files) // 10) if len(files) > 1 else 0
+        train += files[: len(files) - held]
+        test += files[len(files) - held:]
+    return train, test
 
 
 def _read_images(
