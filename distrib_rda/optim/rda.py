@@ -15,6 +15,7 @@ with :math:`S_\tau(u) = \operatorname{sign}(u)\max(|u| - \tau, 0)` and either
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -68,17 +69,21 @@ def chunk_size() -> int:
 
 
 def chunked(tensors: list[Tensor | None], chunk: int) -> Iterable[tuple[Tensor | None, ...]]:
-    """Yield matching element-wise chunks of same-shaped tensors (whole tensors if not contiguous).
-
-    ``None`` entries are passed through as ``None``.
+    """Yield matching element-wise chunks of same-shaped CPU tensors (whole tensors if not
+    contiguous or not on the CPU). ``None`` entries are passed through as ``None``.
     """
     present = [t for t in tensors if t is not None]
-    if present[0].numel() <= chunk or not all(t.is_contiguous() for t in present):
+    first = present[0]
+    if (
+        first.numel() <= chunk
+        or first.device.type != "cpu"
+        or not all(t.is_contiguous() for t in present)
+    ):
         yield tuple(tensors)
         return
-    splits = [t.view(-1).split(chunk) if t is not None else None for t in tensors]
-    for i in range(len(splits[tensors.index(present[0])])):
-        yield tuple(s[i] if s is not None else None for s in splits)
+    parts = [t.view(-1).split(chunk) if t is not None else None for t in tensors]
+    n = next(len(p) for p in parts if p is not None)
+    yield from zip(*(p if p is not None else itertools.repeat(None, n) for p in parts), strict=True)
 
 
 def soft_threshold_(x: Tensor, tau: float) -> Tensor:
@@ -361,9 +366,8 @@ def _single_tensor_adaptive(params, grads, states, *, lam, gamma, eps, from_init
     for i, (p, state) in enumerate(zip(params, states, strict=True)):
         tau = (state["step"] - state["restart_step"]) * lam
         g = grads[i] if grads is not None else None
+        needs_scratch = from_init or tau > 0
         scratch = None
-        if from_init or tau > 0:
-            scratch = torch.empty(min(p.numel(), chunk), dtype=p.dtype, device=p.device)
         tensors = [p, g, state["center"], state["dual_sum"], state["sq_sum"]]
         for pc, gc, wc, dc, qc in chunked(tensors, chunk):
             if gc is not None:
@@ -371,11 +375,13 @@ def _single_tensor_adaptive(params, grads, states, *, lam, gamma, eps, from_init
                 dc.add_(gc)
             neg_beta = torch.sqrt(qc, out=pc).add_(eps).mul_(-gamma)
             num = dc
-            if scratch is not None:
-                if pc.is_contiguous():
-                    sc = scratch[: pc.numel()].view_as(pc)
-                else:
+            if needs_scratch:
+                if not pc.is_contiguous():
                     sc = torch.empty_like(pc)
+                else:
+                    if scratch is None or pc.numel() > scratch.numel():
+                        scratch = torch.empty(pc.numel(), dtype=pc.dtype, device=pc.device)
+                    sc = scratch[: pc.numel()].view_as(pc)
                 if from_init:
                     num = torch.addcmul(dc, wc, neg_beta, out=sc)
                 if tau > 0:
