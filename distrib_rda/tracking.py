@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,12 @@ def client_for(uri: str) -> MlflowClient:
 def check_reachable(uri: str) -> None:
     """Fail fast, before any training, when the store cannot be reached."""
     if uri.startswith(("http://", "https://")):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:  # MLflow's own client retries for minutes; one plain request answers now
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except (OSError, ValueError) as error:
+            raise TrackingError(f"--tracking-uri {uri}: the MLflow tracking server is "
+                                f"unreachable ({error})") from None
+        return
     elif uri.startswith("sqlite:///"):
         parent = Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).parent
         if not parent.is_dir():

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +98,67 @@ def test_a_nonfinite_step_never_updates_the_weights():
         train_step(model, parts, LocalDualAveraging(parts.optimizer, every=1), images,
                    torch.zeros(4, dtype=torch.long), step=7)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+         "--artifacts-destination", str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def test_tracking_server_lost_mid_run_loses_no_metric(ray_local, tmp_path, beton_cache):
+    """The server dies after epoch 1 and comes back after epoch 3: the run goes on, and MLflow
+    ends with every epoch exactly once (the controller retries what it could not log)."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    run_dir = tmp_path / "results" / "outage"
+    checkpoints = lambda: len(list(run_dir.rglob(checkpoint.CHECKPOINT_FILE)))  # noqa: E731
+    events: list[str] = []
+
+    def outage():
+        nonlocal server
+        while checkpoints() < 1:
+            time.sleep(0.05)
+        stop_mlflow_server(server)
+        events.append("down")
+        while checkpoints() < 2:  # Ray keeps 2 checkpoints, so the count stops at 2
+            time.sleep(0.05)
+        server = start_mlflow_server(tmp_path, port)
+        events.append("up")
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    try:
+        summary = run_training(config(tmp_path, beton_cache, uri, name="outage", epochs=5,
+                                      workers=1, subset=4096))
+        thread.join(timeout=120)
+        assert events == ["down", "up"]
+        client = MlflowClient(uri)
+        for key in ("accuracy", "sparsity", "epoch_seconds"):
+            steps = [m.step for m in client.get_metric_history(summary["run_id"], key)]
+            assert sorted(steps) == [1, 2, 3, 4, 5], (key, steps)
+        assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    finally:
+        stop_mlflow_server(server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,8 +24,14 @@ from distrib_rda.training import checkpoint
 from distrib_rda.training.loop import train_loop_per_worker
 
 CONFIG_FILE = "distrib_rda_config.json"
-# Ray Train routes workers' print() through a logger that echoes each line twice to the driver.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+WORKER_ENV = {
+    # Ray Train routes workers' print() through a logger that echoes each line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The Train controller logs to MLflow; when the store is down it must fail fast and retry
+    # at the next report, not block the run in MLflow's minutes-long HTTP retries.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 # Keys that may change when a job is resumed; any other change is refused.
 RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers"}
 
@@ -160,8 +167,15 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     }
     layers = {key.removeprefix("sparsity/"): value for key, value in last.items()
               if key.startswith("sparsity/")}
-    tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
-                        model_args=state["model_args"], layer_sparsity=layers, summary=summary)
+    try:
+        tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
+                            model_args=state["model_args"], layer_sparsity=layers,
+                            summary=summary)
+    except Exception as error:  # noqa: BLE001 - the model is trained; only the record waits
+        print(f"warning: MLflow at {cfg.tracking_uri} is unreachable ({type(error).__name__}); "
+              f"every epoch is kept in {summary['checkpoint']}: rerun the same command once "
+              "the store is back, and it logs what is missing without training again",
+              file=sys.stderr)
     print_summary(cfg, summary, dense=dense_count(state["model"], layers))
     if json_output:
         print(json.dumps({key: summary[key] for key in
