@@ -52,14 +52,15 @@ def soft(u, tau):
     return torch.sign(u) * torch.clamp(u.abs() - tau, min=0)
 
 
-def expected_rda(w1, grads, *, lam, gamma, adaptive, eps, center):
-    """DESIGN.md section 2 written out: S_{t*lam/beta_t}(w1 - G_t/beta_t)."""
+def expected_rda(w1, grads, *, lam, gamma, adaptive, eps, center, warmup=0.0, power=0.5):
+    """DESIGN.md section 2 written out: S_{t*lam/beta_t}(w1 - G_t/beta_t), with the
+    scalar beta_t = gamma*(t + warmup)^power (gamma*sqrt(t) by default)."""
     t = len(grads)
     big_g = sum(grads)
     if adaptive:
         beta = gamma * (torch.sqrt(sum(g * g for g in grads)) + eps)
     else:
-        beta = gamma * math.sqrt(t)
+        beta = gamma * (t + warmup) ** power
     c = w1 if center == "init" else torch.zeros_like(w1)
     return soft(c - big_g / beta, t * lam / beta)
 
@@ -107,6 +108,31 @@ def test_rda_closed_form_over_steps_float64(adaptive, center, foreach):
     assert not any((p == 0).any() for p in params[2:])
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("warmup,power", [(10.0, 0.5), (0.0, 0.3), (3.0, 1.0), (2.0, 0.0)])
+def test_rda_scalar_schedule_warmup_and_power(warmup, power, foreach):
+    params = make_params()
+    w1 = [p.detach().clone() for p in params]
+    grads = make_grads(3)
+    opt = RDA(two_groups(params, 0.05), gamma=0.7, warmup=warmup, power=power, foreach=foreach)
+    for t in range(1, len(grads) + 1):
+        set_grads(params, grads[t - 1])
+        opt.step()
+        for i, p in enumerate(params):
+            want = expected_rda(
+                w1[i],
+                [g[i] for g in grads[:t]],
+                lam=0.05 if i < 2 else 0.0,
+                gamma=0.7,
+                adaptive=False,
+                eps=0,
+                center="init",
+                warmup=warmup,
+                power=power,
+            )
+            torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)
+
+
 def test_rda_state_holds_center_sum_step_and_sq_sum():
     params = make_params()
     grads = make_grads(3)
@@ -136,16 +162,25 @@ def test_rda_lambda_zero_is_plain_dual_averaging():
         torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)
 
 
-def test_rda_skips_parameters_without_gradient():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_rda_skips_parameters_without_gradient(foreach):
     params = make_params()
-    opt = RDA(params, lambda_=0.1)
-    before = params[1].detach().clone()
-    set_grads(params, make_grads(1)[0])
+    w1 = [p.detach().clone() for p in params]
+    grads = make_grads(3)
+    opt = RDA(params, lambda_=0.1, foreach=foreach)
+    set_grads(params, grads[0])
     params[1].grad = None
     opt.step()
-    assert torch.equal(params[1].detach(), before)
+    assert torch.equal(params[1].detach(), w1[1])
     assert opt.state[params[1]]["step"] == 0
     assert opt.state[params[0]]["step"] == 1
+    for gs in grads[1:]:  # from now on the group mixes t = 3 and t = 2
+        set_grads(params, gs)
+        opt.step()
+    for i, p in enumerate(params):
+        seen = [g[i] for g in (grads[1:] if i == 1 else grads)]
+        want = expected_rda(w1[i], seen, lam=0.1, gamma=1.0, adaptive=False, eps=0, center="init")
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)
 
 
 def run(opt_factory, params, grads, restart_at=(), project_at=()):
@@ -285,6 +320,9 @@ def test_rda_state_dict_round_trips_and_resume_continues_trajectory(adaptive):
         ({"center": "origin"}, r"center must be one of init, zero"),
         ({"adaptive": "yes"}, r"adaptive must be True or False"),
         ({"foreach": "auto"}, r"foreach must be None, True or False"),
+        ({"warmup": -1.0}, r"warmup must be .*>= 0"),
+        ({"power": 1.5}, r"power must be in \[0, 1\]"),
+        ({"power": -0.5}, r"power must be .*>= 0"),
     ],
 )
 def test_rda_refuses_bad_arguments(kwargs, match):
