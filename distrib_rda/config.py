@@ -69,6 +69,10 @@ class TrainConfig(BaseModel):
         description="l1 strength on conv and linear weights",
     )
     gamma: float = Field(0.3, gt=0, description="RDA: beta_t = gamma*sqrt(t); inverse step size")
+    warmup: float = Field(
+        0.0, ge=0, description="RDA: t_w in beta_t = gamma*(t + t_w)^power; caps the first steps"
+    )
+    power: float = Field(0.5, ge=0, le=1, description="RDA: p in beta_t = gamma*(t + t_w)^p")
     adaptive: bool = Field(False, description="RDA: diagonal AdaGrad beta_t")
     eps: float = Field(1e-8, gt=0, description="RDA: added to the AdaGrad denominator")
     center: Literal["init", "zero"] = Field("init", description="RDA: prox centre")
@@ -96,7 +100,7 @@ class TrainConfig(BaseModel):
     storage: Path = Field(Path("results"), description="Ray Train storage path for checkpoints")
     name: str | None = Field(None, description="run name; the same name resumes the run")
 
-    @field_validator("lambda_", "gamma", "eps", "init_scale", "lr")
+    @field_validator("lambda_", "gamma", "eps", "init_scale", "lr", "warmup")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
