@@ -622,6 +622,16 @@ def test_gmp_reaches_target_and_masks_stay_applied():
     assert pr.sparsity() == pytest.approx(0.75, abs=1 / n)
 
 
+def test_gmp_with_end_equal_to_start_prunes_once_to_target():
+    w = nn.Parameter(torch.arange(1.0, 11.0))
+    pr = MagnitudePruner([w], 0.3, start_step=2, end_step=2, frequency=5)
+    pr.step()
+    assert not (w == 0).any()
+    pr.step()
+    assert torch.equal(w.detach(), torch.tensor([0.0, 0, 0, 4, 5, 6, 7, 8, 9, 10]))
+    assert [pr.sparsity_at(t) for t in (1, 2, 3)] == [0.0, 0.3, 0.3]
+
+
 def test_gmp_prunes_globally_by_magnitude():
     a = nn.Parameter(torch.tensor([0.1, -5.0, 0.2, 3.0]))
     b = nn.Parameter(torch.tensor([[0.05, -0.3], [4.0, 0.0]]))
@@ -676,7 +686,8 @@ def test_gmp_state_dict_resumes_exactly():
         ({"target_sparsity": -0.1}, r"target_sparsity must be"),
         ({"initial_sparsity": 0.95}, r"initial_sparsity must be a number >= 0 and <= 0.9"),
         ({"start_step": -1}, r"start_step must be an integer >= 0"),
-        ({"end_step": 10}, r"end_step must be an integer >= 11"),
+        ({"end_step": 9}, r"end_step must be an integer >= 10"),
+        ({"end_step": 10.5}, r"end_step must be an integer"),
         ({"frequency": 0}, r"frequency must be an integer >= 1"),
     ],
 )

@@ -6,8 +6,8 @@ The target sparsity follows the cubic schedule
     s_t = s_f + (s_i - s_f)\left(1 - \frac{t - t_0}{n\Delta t}\right)^3,
     \qquad t_0 \le t \le t_0 + n\Delta t,
 
-with :math:`s_t = 0` before :math:`t_0` (``start_step``) and :math:`s_t = s_f` after
-:math:`t_0 + n\Delta t` (``end_step``). Every :math:`\Delta t` (``frequency``) steps from
+with :math:`s_t = 0` before :math:`t_0` (``start_step``) and :math:`s_t = s_f` from
+:math:`t_0 + n\Delta t` (``end_step``) on. Every :math:`\Delta t` (``frequency``) steps from
 :math:`t_0`, and at ``end_step``, the masks are recomputed: of all the given weights together,
 the :math:`\operatorname{round}(s_t N)` of smallest magnitude are masked. A masked weight stays
 masked (the masks are nested). The masks are applied after every optimizer step.
@@ -34,7 +34,8 @@ class MagnitudePruner:
             (``(name, parameter)`` pairs are accepted too).
         target_sparsity: :math:`s_f \\in [0, 1)`, the fraction of zeros reached at ``end_step``.
         start_step: :math:`t_0 \\ge 0`, the optimizer step of the first pruning.
-        end_step: the step of the last pruning, ``> start_step``.
+        end_step: the step of the last pruning, ``>= start_step`` (equal: prune once, to
+            :math:`s_f`).
         frequency: :math:`\\Delta t \\ge 1`, steps between prunings.
         initial_sparsity: :math:`s_i \\in [0, s_f]`, the sparsity of the first pruning.
 
@@ -59,7 +60,7 @@ class MagnitudePruner:
         _check_fraction("target_sparsity", target_sparsity, upper=1.0)
         _check_fraction("initial_sparsity", initial_sparsity, upper=target_sparsity, closed=True)
         _check_int("start_step", start_step, 0)
-        _check_int("end_step", end_step, start_step + 1)
+        _check_int("end_step", end_step, start_step)
         _check_int("frequency", frequency, 1)
         self.target_sparsity = float(target_sparsity)
         self.initial_sparsity = float(initial_sparsity)

@@ -9,8 +9,9 @@ For each parameter tensor, element-wise, with :math:`w_1` the value the optimize
             = S_{t\lambda/\beta_t}\!\left(w_1 - G_t/\beta_t\right),
 
 with :math:`S_\tau(u) = \operatorname{sign}(u)\max(|u| - \tau, 0)` and either
-:math:`\beta_t = \gamma\sqrt{t}` or, with ``adaptive=True``,
-:math:`\beta_t = \gamma(\sqrt{\textstyle\sum_{\tau \le t} g_\tau^2} + \epsilon)` per element.
+:math:`\beta_t = \gamma\sqrt{t}` (generalized to :math:`\gamma(t + t_w)^p`) or, with
+``adaptive=True``, :math:`\beta_t = \gamma(\sqrt{\textstyle\sum_{\tau \le t} g_\tau^2} + \epsilon)`
+per element. See :class:`RDA` for restarts.
 """
 
 from __future__ import annotations
