@@ -36,7 +36,14 @@ from rich.console import Console
 from distrib_rda import tracking
 from distrib_rda.errors import UserError
 from distrib_rda.search.pareto import plot_search
-from distrib_rda.search.report import ROLE_TAG, TRIAL_TAG, finished_runs, front_of, front_table
+from distrib_rda.search.report import (
+    PARENT_TAG,
+    ROLE_TAG,
+    TRIAL_TAG,
+    finished_runs,
+    front_of,
+    front_table,
+)
 from distrib_rda.search.space import SearchSpec, load_space
 
 SEARCH_FILE = "search.json"
@@ -73,8 +80,15 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
     client = tracking.client_for(cfg.tracking_uri)
     parent_run_id = _check_resume(state_file, spec, client) if resume else None
 
+    # As `train` does: check and convert the data here, before any trial, with progress in
+    # this terminal; workers on other nodes convert into their own node's cache.
+    from distrib_rda.data import ensure_converted
     from distrib_rda.training.driver import check_resources, connect
 
+    datasets = spec.space["dataset"].values if "dataset" in spec.space else [cfg.dataset]
+    for dataset in datasets:
+        ensure_converted(dataset, data_root=cfg.data_root, download=cfg.download,
+                         cache_dir=cfg.cache_dir)
     connect(cfg.address)
     check_resources(cfg)
     if parent_run_id:
@@ -105,7 +119,8 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
         print(f"search '{spec.name}' interrupted with {results.num_terminated} of "
               f"{spec.trials} trials done; continue it with --resume", file=sys.stderr)
         raise KeyboardInterrupt
-    return finish_search(spec, parent_run_id, search_dir, errored=errored)
+    trial_ids = {Path(result.path).name.removeprefix("trial-") for result in results}
+    return finish_search(spec, parent_run_id, search_dir, errored=errored, trial_ids=trial_ids)
 
 
 @contextmanager
@@ -277,12 +292,14 @@ def _finished_child(client, experiment: str, run_key: str):
 
 
 def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
-                  errored: int = 0) -> dict[str, Any]:
+                  errored: int = 0, trial_ids: set[str] | None = None) -> dict[str, Any]:
     """Compute the front over the search's finished children and record it on the parent:
-    ``pareto.png``, ``pareto.json``, and the tag ``pareto=true`` on the front's children."""
+    ``pareto.png``, ``pareto.json``, and the tag ``pareto=true`` on the front's children.
+    With ``trial_ids`` (Tune's trials), unfinished children of other trials are retired."""
     cfg = spec.base
     client = tracking.client_for(cfg.tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
+    lost = _retire_lost_trials(client, experiment_id, parent_run_id, trial_ids)
     metrics = list(dict.fromkeys([*spec.metrics, "accuracy", "sparsity"]))
     points = finished_runs(client, experiment_id, parent_run_id=parent_run_id,
                            metrics=tuple(metrics))
@@ -323,11 +340,36 @@ def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
     if points:
         console.print(front_table(f"search '{spec.name}': Pareto front, {len(front)} of "
                                   f"{len(points)} finished trials", points, front))
+    if lost:
+        console.print(f"[yellow]{len(lost)} unfinished trial(s) started just before the search "
+                      "was killed were not in Tune's last saved state, and Tune ran others in "
+                      f"their place; their MLflow runs are deleted (restore with: mlflow runs "
+                      f"restore --run-id ID): {', '.join(lost)}[/yellow]")
     if errored:
         console.print(f"[yellow]{errored} trial(s) failed; their errors are in "
                       f"{search_dir}; --resume retries them[/yellow]")
     console.print(f"MLflow parent run {parent_run_id} (experiment '{cfg.experiment}'): "
                   f"pareto.png, pareto.json; view with: {tracking.ui_hint(cfg.tracking_uri)}")
     return {"parent_run_id": parent_run_id, "search_dir": str(search_dir),
-            "trials": len(points), "errored": errored,
+            "trials": len(trial_ids) if trial_ids is not None else len(points),
+            "finished": len(points), "errored": errored, "lost": lost,
             "front": payload["front"]}
+
+
+def _retire_lost_trials(client, experiment_id: str, parent_run_id: str,
+                        trial_ids: set[str] | None) -> list[str]:
+    """A trial started in the seconds between Tune's last state snapshot and a kill is not
+    resumed: Tune samples a new trial in its place. Its unfinished child run would stay RUNNING
+    forever beside the parent's real trials, so it is soft-deleted (MLflow can restore it)."""
+    if trial_ids is None:
+        return []
+    children = client.search_runs([experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    lost = [run.info.run_id for run in children
+            if run.data.tags.get(TRIAL_TAG) not in trial_ids and run.info.status != "FINISHED"]
+    for run_id in lost:
+        client.set_tag(run_id, "distrib_rda.lost_trial",
+                       "started just before the search was killed; not in Tune's saved state")
+        client.set_terminated(run_id, status="KILLED")
+        client.delete_run(run_id)
+    return lost
