@@ -80,6 +80,10 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.05, gt=0, description="SGD, prox-SGD, GMP: peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD, prox-SGD, GMP: momentum")
     target_sparsity: float = Field(0.9, ge=0, lt=1, description="GMP: final sparsity")
+    finetune_epochs: int = Field(
+        0, ge=0, description="after `epochs`, train the surviving weights with the mask fixed "
+        "(SGD, lr, momentum, cosine) for this many more epochs"
+    )
 
     # run
     epochs: int = Field(10, ge=1)

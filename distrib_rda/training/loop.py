@@ -22,7 +22,7 @@ from distrib_rda.models import build_model
 from distrib_rda.sparsity import layer_sparsity, nonzeros, sparsity
 from distrib_rda.training import checkpoint
 from distrib_rda.training.dual_sync import LocalDualAveraging
-from distrib_rda.training.optimizers import OptimizerParts, build_optimizer
+from distrib_rda.training.optimizers import OptimizerParts, build_finetune, build_optimizer
 
 
 class NonFiniteError(FloatingPointError):
@@ -116,15 +116,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = DistributedDataParallel(module) if dist.is_initialized() else module
 
     steps_per_epoch = len(loaders.train)
-    parts = build_optimizer(cfg, module, total_steps=steps_per_epoch * cfg.epochs)
+    total_epochs = cfg.epochs + cfg.finetune_epochs
+    finetune_steps = steps_per_epoch * cfg.finetune_epochs
+    if start_epoch > cfg.epochs:  # resuming inside the fine-tune
+        parts = build_finetune(cfg, module, total_steps=finetune_steps)
+    else:
+        parts = build_optimizer(cfg, module, total_steps=steps_per_epoch * cfg.epochs)
     if state:
         parts.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
     dual = LocalDualAveraging(parts.optimizer, every=cfg.sync_every)
 
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+    for epoch in range(start_epoch + 1, total_epochs + 1):
         if epoch in cfg.restart and hasattr(parts.optimizer, "restart"):
             parts.optimizer.restart()
+        if epoch == cfg.epochs + 1:  # the fine-tune starts: the support is fixed from here
+            parts = build_finetune(cfg, module, total_steps=finetune_steps)
+            dual = LocalDualAveraging(parts.optimizer, every=1)
         started = time.perf_counter()
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
         for batch, (images, labels) in enumerate(loaders.train):
@@ -140,13 +148,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         accuracy, test_loss = evaluate(module, loaders.test, device)
         metrics = epoch_metrics(module, epoch, loss_sum[0].item() / loss_sum[1].item(),
                                 accuracy, test_loss, seconds, int(loss_sum[1].item()))
+        if epoch > cfg.epochs:
+            before = history[cfg.epochs - 1]
+            metrics["accuracy_before_finetune"] = before["accuracy"]
+            metrics["sparsity_before_finetune"] = before["sparsity"]
         if not all(math.isfinite(p.abs().sum().item()) for p in module.parameters()):
             raise NonFiniteError(f"non-finite weights after epoch {epoch}: "
                                  f"{first_nonfinite_layer(module)}")
         history.append(metrics)
         if rank == 0:
-            print(format_epoch(metrics, cfg.epochs), flush=True)
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            print(format_epoch(metrics, total_epochs), flush=True)
+        if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs:
             report_with_checkpoint(metrics, rank, {
                 "model": module.state_dict(), "optimizer": parts.state_dict(), "epoch": epoch,
                 "rng": checkpoint.rng_state(), "history": history,

@@ -19,7 +19,7 @@ GMP_PRUNINGS = 40
 class OptimizerParts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    pruner: MagnitudePruner | None = None
+    pruner: MagnitudePruner | FixedMask | None = None
 
     def step(self) -> None:
         self.optimizer.step()
@@ -38,6 +38,45 @@ class OptimizerParts:
     def _parts(self) -> dict:
         parts = {"optimizer": self.optimizer, "scheduler": self.scheduler, "pruner": self.pruner}
         return {name: part for name, part in parts.items() if part is not None}
+
+
+class FixedMask:
+    """Keeps every given weight that is zero now at zero: ``w <- w * m`` after each step, with
+    ``m = (w != 0)`` taken at construction. Quacks like :class:`MagnitudePruner` for
+    :class:`OptimizerParts`."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        self.weights = weights
+        self.masks = [w.detach() != 0 for w in weights]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for weight, mask in zip(self.weights, self.masks, strict=True):
+            weight.mul_(mask)
+
+    def state_dict(self) -> dict:
+        return {"masks": [mask.clone() for mask in self.masks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mask, saved in zip(self.masks, state["masks"], strict=True):
+            mask.copy_(saved)
+
+
+def build_finetune(cfg: TrainConfig, model: nn.Module, total_steps: int) -> OptimizerParts:
+    r"""The closing fine-tune of ``finetune_epochs``: SGD with momentum on every parameter,
+    cosine decay from ``lr`` over ``total_steps``, and the support of the conv and linear
+    weights fixed to the one they have now:
+
+    .. math::
+        m = \mathbb{1}[w \ne 0], \qquad
+        w \leftarrow m \odot \operatorname{SGD}(w), \qquad
+        \eta_k = \tfrac{\eta}{2}\bigl(1 + \cos(\pi k / K)\bigr).
+
+    Sparsity cannot change; accuracy is what the surviving weights can reach."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    mask = FixedMask([weight for _, weight in prunable_weights(model)])
+    return OptimizerParts(optimizer, scheduler, mask)
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> OptimizerParts:
