@@ -290,6 +290,9 @@ def test_unknown_experiment_is_named_with_the_existing_ones(tracking_uri, tmp_pa
     assert main(["pareto", "--experiment", "fake", "--compare", "nope",
                  "--tracking-uri", tracking_uri]) == 2
     assert "nope" in capsys.readouterr().err
+    assert main(["pareto", "--experiment", "fake", "--tracking-uri", tracking_uri,
+                 "--out", str(tmp_path / "missing" / "front.png")]) == 2
+    assert "--out" in capsys.readouterr().err
 
 
 def test_plots_render(tmp_path):

@@ -122,6 +122,8 @@ def pareto_report(experiments: list[str], *, tracking_uri: str = "sqlite:///mlfl
 
     Returns ``{experiment: [front member, ...]}``, each member as :meth:`RunPoint.as_dict`.
     """
+    if out is not None and not Path(out).resolve().parent.is_dir():
+        raise UserError(f"--out {out}: directory {Path(out).resolve().parent} does not exist")
     tracking.check_reachable(tracking_uri)
     client = tracking.client_for(tracking_uri)
     console = console or Console(width=max(Console().width, 140))

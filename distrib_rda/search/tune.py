@@ -60,7 +60,9 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
     """Run (or with ``resume``, continue) the search that ``space_path`` describes.
 
     ``overrides`` are training-config keys given as flags; they fix those keys for every trial.
-    Returns ``{"parent_run_id", "search_dir", "trials", "errored", "front"}``.
+    Returns ``{"parent_run_id", "search_dir", "trials", "finished", "errored", "lost",
+    "front"}``: Tune's trial count, the finished and failed ones, the run ids of unfinished
+    trials lost in a kill (see :func:`_retire_lost_trials`), and the front's members.
     """
     spec = load_space(space_path, overrides=overrides, trials=trials,
                       max_concurrent=max_concurrent)
