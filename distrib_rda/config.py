@@ -63,14 +63,14 @@ class TrainConfig(BaseModel):
     # optimizer
     optimizer: Literal["rda", "sgd", "prox-sgd", "gmp"] = "rda"
     lambda_: float = Field(
-        5e-4,
+        8e-4,
         ge=0,
         validation_alias=AliasChoices("lambda_", "lambda"),
         description="l1 strength on conv and linear weights",
     )
-    gamma: float = Field(0.3, gt=0, description="RDA: beta_t = gamma*sqrt(t); inverse step size")
+    gamma: float = Field(0.3, gt=0, description="RDA: beta_t = gamma*(t + warmup)^power")
     warmup: float = Field(
-        0.0, ge=0, description="RDA: t_w in beta_t = gamma*(t + t_w)^power; caps the first steps"
+        300.0, ge=0, description="RDA: t_w in beta_t = gamma*(t + t_w)^power; caps the first steps"
     )
     power: float = Field(0.5, ge=0, le=1, description="RDA: p in beta_t = gamma*(t + t_w)^p")
     adaptive: bool = Field(False, description="RDA: diagonal AdaGrad beta_t")
