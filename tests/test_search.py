@@ -129,6 +129,13 @@ BASE = {"config": {"epochs": 1}, "space": {"lambda_": {"loguniform": [1e-5, 1e-3
     ({"config": {"epochs": 0}}, "epochs", "greater than or equal to 1"),
     ({"config": {"epoch": 3}}, "epoch", "unknown key"),
     ({"spaces": {}}, "spaces", "unknown key"),
+    ({"search": {"start": [{}]}}, "search.start[0]", "missing lambda_"),
+    ({"search": {"start": [{"lambda_": 1e-4, "gamma": 0.3}]}}, "search.start[0]",
+     "gamma not searched"),
+    ({"search": {"start": [{"lambda": 1.0}]}}, "search.start[0].lambda_",
+     "outside loguniform"),
+    ({"search": {"trials": 1, "start": [{"lambda_": 1e-4}, {"lambda_": 1e-4}]}},
+     "search.start", "2 start points but only 1 trials"),
 ])
 def test_bad_space_is_refused_naming_file_key_and_reason(tmp_path, change, key, reason):
     data = {**BASE, **change}
@@ -170,6 +177,23 @@ def test_flags_fix_keys_and_override_settings(tmp_path):
     assert spec.trial_config({"lambda_": 2e-4, "restart": "[2, 4]"}).restart == [2, 4]
     with pytest.raises(ConfigError, match="--trials 0"):
         load_space(path, trials=0)
+
+
+def test_start_points_are_checked_and_encoded_for_tune(tmp_path):
+    data = {"space": {"lambda_": {"loguniform": [1e-5, 1e-3]}, "adaptive": {"choice": [False]},
+                      "restart": {"choice": [[], [2]]}, "gamma": {"uniform": [0.1, 1.0]}},
+            "search": {"start": [{"lambda": 1e-4, "adaptive": False, "restart": [2],
+                                  "gamma": 0.5}]}}
+    spec = load_space(write_space(tmp_path, data))
+    assert spec.start_points() == [{"lambda_": 1e-4, "adaptive": False, "restart": "[2]",
+                                     "gamma": 0.5}]
+    assert spec.trial_config(spec.start_points()[0]).restart == [2]
+    # a flag that fixes a searched key takes it out of the start points too
+    assert load_space(write_space(tmp_path, data), overrides={"gamma": 0.2}).start_points() == [
+        {"lambda_": 1e-4, "adaptive": False, "restart": "[2]"}]
+    data["search"]["start"][0]["adaptive"] = 0  # not a bool: not one of the choices
+    with pytest.raises(ConfigError, match=r"search.start\[0\].adaptive: 0 is outside choice"):
+        load_space(write_space(tmp_path, data))
 
 
 def test_grid_runs_each_combination_once(tmp_path):

@@ -9,18 +9,23 @@ A file has four sections::
       lambda_: {loguniform: [1.0e-5, 2.0e-3]}   # log-uniform on [lo, hi], 0 < lo < hi
       gamma:   {uniform: [0.1, 1.0]}            # uniform on [lo, hi], lo < hi
       adaptive: {choice: [false, true]}         # one of the values, sampled
-      restart: {grid: [[], [2]]}                # every value, once (algorithm: grid)
+      restart: {choice: [[], [2]]}              # (lists too: restart epochs)
+      # {grid: [...]}: every value, once each, with algorithm grid (every key a grid)
     objectives:  # exactly two metrics of the last epoch, each maximized or minimized
       - {metric: accuracy, mode: max}
       - {metric: sparsity, mode: max}
     search:      # how trials are picked and run
       algorithm: optuna   # optuna (multi-objective TPE or NSGA-II), random, or grid
+      sampler: tpe        # optuna's sampler: tpe, or nsga2 for long searches
       trials: 8
-      max_concurrent: 2
+      max_concurrent: 2   # trials (whole Train runs) at once
       seed: 0
+      start:              # optional: configurations to try first, every searched key each
+        - {lambda_: 1.0e-4, gamma: 0.3, adaptive: false, restart: []}
 
-Every value a distribution can produce is checked against :class:`TrainConfig`, so a trial
-never fails on a value the schema refuses. Errors name the file, the key and the reason.
+Both ends of each range and every listed value are checked against :class:`TrainConfig`
+(whose bounds are intervals), so a trial never fails on a value the schema refuses. Errors
+name the file, the key and the reason.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ METRICS = ("accuracy", "sparsity", "train_loss", "test_loss", "nonzeros",
 NOT_SEARCHABLE = ("address", "experiment", "tracking_uri", "storage", "name", "cache_dir",
                   "data_root", "download", "max_failures", "checkpoint_every")
 ALIASES = {"lambda": "lambda_"}
+DEFAULT_TRIALS = 8
 
 
 class Distribution(BaseModel):
@@ -100,6 +106,16 @@ class Distribution(BaseModel):
     def decode(self, value: Any) -> Any:
         return json.loads(value) if self.encoded and isinstance(value, str) else value
 
+    def encode(self, value: Any) -> Any:
+        return json.dumps(value) if self.encoded else value
+
+    def contains(self, value: Any) -> bool:
+        """Whether the distribution can produce ``value`` (bools are not numbers here)."""
+        if self.kind in ("loguniform", "uniform"):
+            return _is_number(value) and self.values[0] <= value <= self.values[1]
+        return any(value == option and isinstance(value, bool) == isinstance(option, bool)
+                   for option in self.values)
+
     def describe(self) -> str:
         return f"{self.kind} {self.values}"
 
@@ -124,6 +140,9 @@ class SearchSettings(BaseModel):
     trials: int | None = Field(None, ge=1, description="default: 8; grid: its size")
     max_concurrent: int = Field(1, ge=1, description="trials (Train runs) at once")
     seed: int | None = Field(0, ge=0, description="sampler seed; null: random")
+    start: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="configurations tried first (a value for every searched key), then sampling")
 
 
 class SpaceFile(BaseModel):
@@ -164,7 +183,7 @@ class SearchSpec:
     def trials(self) -> int:
         if self.search.algorithm == "grid":
             return self.grid_size
-        return self.search.trials or 8
+        return self.search.trials or DEFAULT_TRIALS
 
     @property
     def grid_size(self) -> int:
@@ -181,6 +200,11 @@ class SearchSpec:
     def param_space(self) -> dict[str, Any]:
         return {key: dist.tune_domain() for key, dist in self.space.items()}
 
+    def start_points(self) -> list[dict[str, Any]]:
+        """``search.start`` as Tune's ``points_to_evaluate``."""
+        return [{key: self.space[key].encode(value) for key, value in point.items()}
+                for point in self.search.start]
+
     def decode(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Tune's sampled values back to config values."""
         return {key: self.space[key].decode(value) for key, value in sampled.items()
@@ -196,7 +220,7 @@ class SearchSpec:
             "space": {key: {d.kind: d.values} for key, d in self.space.items()},
             "objectives": [o.model_dump() for o in self.objectives],
             "algorithm": self.search.algorithm, "sampler": self.search.sampler,
-            "seed": self.search.seed,
+            "seed": self.search.seed, "start": self.search.start,
         }
 
 
@@ -271,6 +295,7 @@ def load_space(path: Path | str, *, overrides: dict[str, Any] | None = None,
             raise ConfigError(f"--trials {trials}: a grid search runs each of its "
                               f"{_grid_size(space)} combinations once; leave --trials out")
         settings.trials = trials
+    settings.start = _start_points(path, settings, space, overrides)
     return SearchSpec(path=path, base=base, space=space, objectives=list(parsed.objectives),
                       search=settings)
 
@@ -294,3 +319,35 @@ def _check_algorithm(path: Path, settings: SearchSettings,
         raise ConfigError(f"{path}: search.trials: a grid search runs each of its "
                           f"{_grid_size(space)} combinations once; got trials: "
                           f"{settings.trials}; leave it out")
+
+
+def _start_points(path: Path, settings: SearchSettings, space: dict[str, Distribution],
+                  overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """``search.start`` with aliases resolved, keys fixed by flags dropped, and every value
+    checked against its distribution."""
+    if settings.start and settings.algorithm == "grid":
+        raise ConfigError(f"{path}: search.start: a grid search runs its grid; start points "
+                          "go with algorithm optuna or random")
+    trials = settings.trials or DEFAULT_TRIALS
+    if len(settings.start) > trials:
+        raise ConfigError(f"{path}: search.start: {len(settings.start)} start points but only "
+                          f"{trials} trials; raise trials or drop points")
+    points = []
+    for n, raw in enumerate(settings.start):
+        where = f"{path}: search.start[{n}]"
+        point = {ALIASES.get(key, key): value for key, value in raw.items()}
+        point = {key: value for key, value in point.items() if key not in overrides}
+        unknown = sorted(set(point) - set(space))
+        missing = sorted(set(space) - set(point))
+        if unknown:
+            raise ConfigError(f"{where}: {', '.join(unknown)} not searched "
+                              f"(searched keys: {', '.join(space)})")
+        if missing:
+            raise ConfigError(f"{where}: needs a value for every searched key; missing "
+                              f"{', '.join(missing)}")
+        for key, value in point.items():
+            if not space[key].contains(value):
+                raise ConfigError(f"{where}.{key}: {value!r} is outside "
+                                  f"{space[key].describe()}")
+        points.append({key: point[key] for key in space})
+    return points

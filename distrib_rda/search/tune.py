@@ -153,14 +153,16 @@ def _tune_config(spec: SearchSpec) -> tune.TuneConfig:
             sampler = optuna.samplers.TPESampler(
                 n_startup_trials=max(2, min(10, spec.trials // 3)), seed=settings.seed)
         return tune.TuneConfig(
-            search_alg=OptunaSearch(metric=spec.metrics, mode=spec.modes, sampler=sampler),
+            search_alg=OptunaSearch(metric=spec.metrics, mode=spec.modes, sampler=sampler,
+                                    points_to_evaluate=spec.start_points() or None),
             num_samples=spec.trials, max_concurrent_trials=settings.max_concurrent,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return tune.TuneConfig(
         search_alg=BasicVariantGenerator(max_concurrent=settings.max_concurrent,
-                                         random_state=settings.seed),
+                                         random_state=settings.seed,
+                                         points_to_evaluate=spec.start_points() or None),
         num_samples=1 if settings.algorithm == "grid" else spec.trials,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
 
