@@ -96,7 +96,7 @@ def plot_search(points: list[dict[str, Any]], front: list[int], *, x: str, y: st
     _percent_axes(ax, x, y)
     ax.set_xlabel(_label(x, modes[0]))
     ax.set_ylabel(_label(y, modes[1]))
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     out = Path(out)
@@ -126,7 +126,8 @@ def plot_fronts(experiments: dict[str, list[dict[str, Any]]],
     _percent_axes(ax, "sparsity", "accuracy")
     ax.set_xlabel(_label("sparsity", "max"))
     ax.set_ylabel(_label("accuracy", "max"))
-    ax.set_title("Sparsity/accuracy Pareto fronts: " + ", ".join(experiments))
+    ax.set_title("Sparsity/accuracy Pareto fronts\n" + ", ".join(experiments),
+                 fontsize="medium", wrap=True)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     out = Path(out)

@@ -321,9 +321,8 @@ def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
                     "lambda_": p.params.get("lambda_")} for p in points]
     png = search_dir / "pareto.png"
     if points:
-        title = f"{cfg.experiment}: {len(points)} trials of {cfg.model} on {cfg.dataset}"
-        if spec.name != cfg.experiment:
-            title += f" (search '{spec.name}')"
+        title = (f"{cfg.experiment}: Pareto front of {len(points)} trials\n"
+                 f"{cfg.model} on {cfg.dataset}, search '{spec.name}'")
         plot_search(plot_points, front, x=x_metric, y=y_metric, modes=(x_mode, y_mode),
                     title=title, out=png)
         client.log_artifact(parent_run_id, str(png))
