@@ -17,16 +17,18 @@ from ray.util.state import list_actors
 
 from distrib_rda.config import TrainConfig
 from distrib_rda.training import checkpoint, run_training
+from distrib_rda.training.driver import WORKER_ENV
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A head with no CPUs, so every worker lands on a worker node of 1 CPU."""
     temp_dir = tempfile.mkdtemp(prefix="rdac-", dir="/tmp")
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "_temp_dir": temp_dir})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()

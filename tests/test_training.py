@@ -17,7 +17,7 @@ def train_args(tmp_path, beton_cache, tracking_uri, *extra: str) -> list[str]:
         "train", "--subset", "2048", "--batch-size", "128", "--epochs", "2",
         "--cache-dir", str(beton_cache), "--storage", str(tmp_path / "results"),
         "--tracking-uri", tracking_uri, "--experiment", "test", "--loader-workers", "1",
-        "--lambda", "5e-4", "--gamma", "1.0", *extra,
+        "--warmup", "50", *extra,
     ]
 
 
@@ -37,7 +37,7 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
     client = MlflowClient(tracking_uri)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["lambda_"] == "0.0005" and run.data.params["workers"] == "2"
+    assert run.data.params["lambda_"] == "0.0008" and run.data.params["workers"] == "2"
     assert {run.data.tags[key] for key in ("dataset", "model", "optimizer")} == {
         "fashion-mnist", "lenet5", "rda"}
     for key in ("train_loss", "accuracy", "sparsity", "nonzeros", "epoch_seconds",
