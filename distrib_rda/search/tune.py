@@ -93,6 +93,7 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
                          cache_dir=cfg.cache_dir)
     connect(cfg.address)
     check_resources(cfg)
+    _warn_if_oversubscribed(spec)
     if parent_run_id:
         client.update_run(parent_run_id, status="RUNNING")
     else:
@@ -123,6 +124,16 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
         raise KeyboardInterrupt
     trial_ids = {Path(result.path).name.removeprefix("trial-") for result in results}
     return finish_search(spec, parent_run_id, search_dir, errored=errored, trial_ids=trial_ids)
+
+
+def _warn_if_oversubscribed(spec: SearchSpec) -> None:
+    kind = "GPU" if spec.base.gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    fit = max(1, have // spec.base.workers)
+    if spec.search.max_concurrent > fit:
+        print(f"note: --max-concurrent {spec.search.max_concurrent}: the cluster has {have} "
+              f"{kind}s, room for {fit} trial(s) of {spec.base.workers} worker(s) at once; the "
+              "others wait for a free slot", file=sys.stderr)
 
 
 @contextmanager
