@@ -14,10 +14,10 @@ from distrib_rda.training import checkpoint
 
 def train_args(tmp_path, beton_cache, tracking_uri, *extra: str) -> list[str]:
     return [
-        "train", "--subset", "2048", "--batch-size", "128", "--epochs", "2",
+        "train", "--subset", "4096", "--batch-size", "64", "--epochs", "2",
         "--cache-dir", str(beton_cache), "--storage", str(tmp_path / "results"),
         "--tracking-uri", tracking_uri, "--experiment", "test", "--loader-workers", "1",
-        "--warmup", "50", *extra,
+        *extra,
     ]
 
 
@@ -31,7 +31,7 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
     result = last_json_line(capsys.readouterr().out)
     assert set(result) == {"run_id", "accuracy", "sparsity", "nonzeros", "epochs", "seconds"}
     assert result["epochs"] == 2
-    assert 0.3 < result["accuracy"] <= 1.0  # 10 classes: chance is 0.1
+    assert 0.4 < result["accuracy"] <= 1.0  # 10 classes: chance is 0.1
     assert 0.0 < result["sparsity"] < 1.0
 
     client = MlflowClient(tracking_uri)
