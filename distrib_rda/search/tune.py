@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -251,8 +252,7 @@ def _run_trial(config: dict[str, Any], *, spec: SearchSpec, parent_run_id: str,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distrib_rda.training import build_trainer
-    from distrib_rda.training.checkpoint import load as load_checkpoint
-    from distrib_rda.training.driver import root_cause
+    from distrib_rda.training.driver import record_result, root_cause
 
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
@@ -272,23 +272,15 @@ def _run_trial(config: dict[str, Any], *, spec: SearchSpec, parent_run_id: str,
     client.set_tag(run_id, TRIAL_TAG, trial_id)
     trainer = build_trainer(cfg, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
                             storage_path=Path(search_dir) / "trials", name=trial_id)
+    started = time.time()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
         tracking.mark_failed(cfg, run_id)
         raise RuntimeError(f"trial {trial_name} failed: {root_cause(error)}") from error
 
-    with result.checkpoint.as_directory() as final:
-        state = load_checkpoint(final)
-    history = state["history"]
-    last = history[-1]
-    layers = {key.removeprefix("sparsity/"): value for key, value in last.items()
-              if key.startswith("sparsity/")}
-    summary = {"run_id": run_id, "trial_id": trial_id, "accuracy": last["accuracy"],
-               "sparsity": last["sparsity"], "nonzeros": last["nonzeros"],
-               "epochs": last["epoch"], "checkpoint": result.checkpoint.path}
-    tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
-                        model_args=state["model_args"], layer_sparsity=layers, summary=summary)
+    _, state = record_result(cfg, run_id, result, started=started)
+    last = state["history"][-1]
     # The final epoch once more, read from the checkpoint: a trial resumed after its last
     # epoch was checkpointed trains nothing, and Tune must still see its result.
     tune.report({key: value for key, value in last.items() if isinstance(value, (int, float))})

@@ -156,6 +156,21 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
         tracking.mark_failed(cfg, run_id)
         raise TrainingError(f"training failed: {root_cause(error)}; the last good checkpoint "
                             f"is kept in {directory}, rerun the same command to resume") from None
+    summary, state = record_result(cfg, run_id, result, started=started)
+    print_summary(cfg, summary, dense=dense_count(state["model"]))
+    if json_output:
+        print(json.dumps({key: summary[key] for key in
+                          ("run_id", "accuracy", "sparsity", "nonzeros", "epochs", "seconds")}))
+    return summary
+
+
+def record_result(cfg: TrainConfig, run_id: str, result: ray.train.Result, *,
+                  started: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Close the MLflow run from the final checkpoint; returns the summary and that state.
+
+    If the store is unreachable, the run stays open and a warning says how to replay it: the
+    checkpoint holds every epoch's metrics.
+    """
     with result.checkpoint.as_directory() as final:
         state = checkpoint.load(final)
     history = state["history"]
@@ -176,15 +191,13 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
               f"every epoch is kept in {summary['checkpoint']}: rerun the same command once "
               "the store is back, and it logs what is missing without training again",
               file=sys.stderr)
-    print_summary(cfg, summary, dense=dense_count(state["model"], layers))
-    if json_output:
-        print(json.dumps({key: summary[key] for key in
-                          ("run_id", "accuracy", "sparsity", "nonzeros", "epochs", "seconds")}))
-    return summary
+    return summary, state
 
 
-def dense_count(model_state: dict[str, Any], layers: dict[str, float]) -> int:
-    return sum(model_state[f"{layer}.weight"].numel() for layer in layers)
+def dense_count(model_state: dict[str, Any]) -> int:
+    """Conv and linear weights: the only parameters of two or more dimensions here."""
+    return sum(value.numel() for key, value in model_state.items()
+               if key.endswith(".weight") and value.dim() > 1)
 
 
 def print_summary(cfg: TrainConfig, summary: dict[str, Any], dense: int) -> None:
