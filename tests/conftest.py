@@ -21,7 +21,8 @@ def beton_cache(tmp_path_factory):
 def ray_local():
     """A real local Ray instance with 2 CPUs, in a private temp dir (short: socket paths)."""
     temp_dir = tempfile.mkdtemp(prefix="rda-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+    # The dashboard serves the state API that fault tests use to find worker processes.
+    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=temp_dir,
              runtime_env={"env_vars": WORKER_ENV})
     yield
     ray.shutdown()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
@@ -34,7 +35,8 @@ def config(tmp_path, beton_cache, tracking_uri, **changes) -> TrainConfig:
 
 
 def worker_pids() -> list[int]:
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [actor.pid for actor in actors]
 
 
@@ -56,7 +58,7 @@ def test_worker_killed_mid_epoch_resumes_the_same_trajectory(ray_local, tmp_path
     killer = threading.Thread(target=kill_one_worker_in_epoch_two, daemon=True)
     killer.start()
     faulty = run_training(config(tmp_path, beton_cache, tracking_uri, name="faulty",
-                                 max_failures=1))
+                                 max_failures=2))
     killer.join(timeout=5)
     assert killed, "no worker was killed"
 

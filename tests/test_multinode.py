@@ -25,7 +25,7 @@ def cluster():
     """A head with no CPUs, so every worker lands on a worker node of 1 CPU."""
     temp_dir = tempfile.mkdtemp(prefix="rdac-", dir="/tmp")
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "temp_dir": temp_dir})
+        "num_cpus": 0, "include_dashboard": True, "temp_dir": temp_dir})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
@@ -44,7 +44,8 @@ def config(tmp_path, beton_cache, tracking_uri, **changes) -> TrainConfig:
 
 def worker_nodes() -> dict[int, str]:
     """pid -> node id of the live Ray Train workers."""
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return {actor.pid: actor.node_id for actor in actors}
 
 
