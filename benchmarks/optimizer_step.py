@@ -1,0 +1,117 @@
+"""Step time of RDA against torch's SGD(momentum) and Adam, on ResNet-18's parameters.
+
+Every optimizer owns its own copy of torchvision's resnet18(num_classes=10) parameters (11.2M)
+with fixed random gradients. All optimizers are timed round-robin, one step each per round, so
+that machine noise hits each of them alike. The table gives median step times, wall-clock and
+process CPU time, and the median over rounds of the ratio to the baseline each one replaces
+(RDA vs SGD, adaptive RDA vs Adam). On a shared machine, CPU time is the steadier of the two
+(it does not count time the process waited for a core).
+
+    .venv/bin/python benchmarks/optimizer_step.py [--repeats 60] [--threads 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torchvision
+
+from distrib_rda.optim import RDA, rda_param_groups
+
+# name -> (factory(model), baseline name or None)
+CASES = {
+    "SGD(momentum=0.9, foreach=True)": (
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True),
+        None,
+    ),
+    "RDA (default path)": (lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0), "SGD"),
+    "RDA(foreach=True)": (
+        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, foreach=True),
+        "SGD",
+    ),
+    "Adam(foreach=True)": (
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
+        None,
+    ),
+    "RDA(adaptive=True) (default path)": (
+        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, adaptive=True),
+        "Adam",
+    ),
+    "RDA(adaptive=True, foreach=True)": (
+        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, adaptive=True, foreach=True),
+        "Adam",
+    ),
+}
+
+
+def model_with_grads(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    return model
+
+
+def measure(threads: int, repeats: int, warmup: int):
+    """Per optimizer, the wall-clock and the process CPU time of each timed step."""
+    torch.set_num_threads(threads)
+    optimizers = {name: factory(model_with_grads(0)) for name, (factory, _) in CASES.items()}
+    wall: dict[str, list[float]] = {name: [] for name in optimizers}
+    cpu: dict[str, list[float]] = {name: [] for name in optimizers}
+    for i in range(warmup + repeats):
+        for name, opt in optimizers.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            opt.step()
+            w1, c1 = time.perf_counter(), time.process_time()
+            if i >= warmup:
+                wall[name].append(w1 - w0)
+                cpu[name].append(c1 - c0)
+    return wall, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+
+    n_params = sum(p.numel() for p in model_with_grads(0).parameters())
+    print(
+        f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
+        f"cpu_count={os.cpu_count()} | torch {torch.__version__}"
+    )
+    print(
+        f"params: resnet18(num_classes=10), {n_params / 1e6:.1f}M float32 | "
+        f"repeats={args.repeats} (round-robin), warmup={args.warmup} | "
+        f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print("ratio: median over rounds of (step time / baseline step time in the same round)")
+    print()
+    print("| threads | optimizer | wall ms | ratio (wall) | CPU ms | ratio (CPU) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for threads in args.threads:
+        wall, cpu = measure(threads, args.repeats, args.warmup)
+        baseline_of = {name.split("(")[0]: name for name, (_, b) in CASES.items() if not b}
+        for name, (_, base) in CASES.items():
+            cells = []
+            for times in (wall, cpu):
+                cells.append(f"{statistics.median(times[name]) * 1e3:.2f}")
+                if base is None:
+                    cells.append("baseline")
+                else:
+                    ref = times[baseline_of[base]]
+                    paired = statistics.median(a / b for a, b in zip(times[name], ref, strict=True))
+                    cells.append(f"{paired:.2f} vs {base}")
+            print(f"| {threads} | {name} | " + " | ".join(cells) + " |")
+    print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
