@@ -30,6 +30,10 @@ CASES = {
         None,
     ),
     "RDA (default path)": (lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0), "SGD"),
+    "RDA(center='zero') (default path)": (
+        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, center="zero"),
+        "SGD",
+    ),
     "RDA(foreach=True)": (
         lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, foreach=True),
         "SGD",
