@@ -632,6 +632,17 @@ def test_gmp_with_end_equal_to_start_prunes_once_to_target():
     assert [pr.sparsity_at(t) for t in (1, 2, 3)] == [0.0, 0.3, 0.3]
 
 
+def test_gmp_pruning_scheduled_at_step_zero_happens_at_the_first_step():
+    w = nn.Parameter(torch.arange(1.0, 11.0))
+    pr = MagnitudePruner([w], 0.3, start_step=0, end_step=0)
+    pr.step()
+    assert int((w == 0).sum()) == 3
+    w2 = nn.Parameter(torch.arange(1.0, 101.0))
+    pr2 = MagnitudePruner([w2], 0.8, start_step=0, end_step=10, frequency=5, initial_sparsity=0.5)
+    pr2.step()  # covers the pruning at step 0 with s_1 of the schedule
+    assert int((w2 == 0).sum()) == round(100 * pr2.sparsity_at(1))
+
+
 def test_gmp_prunes_globally_by_magnitude():
     a = nn.Parameter(torch.tensor([0.1, -5.0, 0.2, 3.0]))
     b = nn.Parameter(torch.tensor([[0.05, -0.3], [4.0, 0.0]]))

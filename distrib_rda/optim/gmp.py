@@ -39,8 +39,9 @@ class MagnitudePruner:
         frequency: :math:`\\Delta t \\ge 1`, steps between prunings.
         initial_sparsity: :math:`s_i \\in [0, s_f]`, the sparsity of the first pruning.
 
-    ``step()`` counts optimizer steps: the k-th call is step k. The state (step count and
-    masks) round-trips through :meth:`state_dict` / :meth:`load_state_dict`.
+    ``step()`` counts optimizer steps: the k-th call is step k (a pruning scheduled at step 0
+    happens at the first call). The state (step count and masks) round-trips through
+    :meth:`state_dict` / :meth:`load_state_dict`.
     """
 
     def __init__(
@@ -91,8 +92,10 @@ class MagnitudePruner:
     def step(self) -> None:
         """Count one optimizer step; recompute the masks on pruning steps; apply them."""
         self.step_count += 1
-        if self.is_pruning_step(self.step_count):
-            self._prune(self.sparsity_at(self.step_count))
+        t = self.step_count
+        # A pruning scheduled at step 0 (before any optimizer step) happens at the first call.
+        if self.is_pruning_step(t) or (t == 1 and self.is_pruning_step(0)):
+            self._prune(self.sparsity_at(t))
         self.apply_masks()
 
     @torch.no_grad()
