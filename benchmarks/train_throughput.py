@@ -90,11 +90,11 @@ def main() -> None:
           f"ray {ray.__version__}")
     print(f"lenet5 on fashion-mnist, {args.subset} images, batch {args.batch_size}, "
           f"{args.epochs} epochs (median samples/s of epochs 2..{args.epochs})\n")
-    print(f"| run | samples/s |\n| --- | --- |")
+    print("| run | samples/s |\n| --- | --- |")
     for label, rate in [("plain loop, 1 thread", plain), ("Ray Train, 1 worker", one),
                         ("Ray Train, 2 workers", two), ("Ray Train, 2 workers, H=8", two_h8)]:
         print(f"| {label} | {rate:,.0f} |")
-    print(f"\n| ratio | value | target |\n| --- | --- | --- |")
+    print("\n| ratio | value | target |\n| --- | --- | --- |")
     print(f"| orchestration overhead (plain / Ray 1 worker) | {plain / one:.2f} | <= 1.10 |")
     print(f"| 2-worker scaling (2 workers / 1 worker) | {two / one:.2f}x | >= 1.7x |")
     print(f"| communication saved (H=8 / H=1, 2 workers) | {two_h8 / two:.2f}x | - |")

@@ -129,6 +129,9 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> TrainConfig:
         if self.sync_every > 1 and self.optimizer != "rda":
             raise ValueError("sync_every > 1 (local dual averaging) needs optimizer: rda")
+        if self.restart and self.center == "zero":
+            raise ValueError("restart re-centres at w; it needs center: init (a zero centre "
+                             "with G reset to 0 would collapse the weights)")
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size {self.batch_size} is smaller than workers "
                              f"{self.workers}; it is the global batch, split over the workers")
