@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distrib_rda.errors import UserError
+from distrib_rda.safe_load import torch_load
 
 FORMAT = "distrib-rda-sparse/1"
 RUN_ARTIFACT = "model/model.pt"
@@ -190,33 +188,6 @@ def download_run_model(run_id: str, tracking_uri: str, tmp: Path) -> Path:
         raise ExportError(f"{run_id}: no such file, and no MLflow run with an artifact "
                           f"{RUN_ARTIFACT} in {tracking_uri}: {first_line}") from None
     return Path(local)
-
-
-def torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file."""
-    try:
-        with warnings.catch_warnings():  # a pickle's protocol is no news: it is refused below
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        if found or is_pickle(path):  # else: bytes that are no pickle at all, a damaged file
-            what = f" ({found.group(1)})" if found else ""
-            raise ExportError(
-                f"{path}: refused: it holds pickled code or objects{what}, not plain tensor "
-                "data; checkpoints must load with torch.load(weights_only=True)") from None
-        damage = error
-    except Exception as error:  # torch.load raises many types on damaged files
-        damage = error
-    detail = str(damage).split(". ")[0].splitlines()[0] if str(damage) else ""
-    raise ExportError(f"{path}: not a readable torch file (corrupt or truncated?): "
-                      + type(damage).__name__ + (f": {detail}" if detail else ""))
-
-
-def is_pickle(path: Path) -> bool:
-    """Whether ``path`` starts like a pickle stream (protocol 2 and later: the PROTO opcode)."""
-    with open(path, "rb") as file:
-        return file.read(1) == b"\x80"
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:

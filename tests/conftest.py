@@ -7,8 +7,18 @@ import tempfile
 
 import pytest
 import ray
+import torch
 
 from distrib_rda.training.driver import WORKER_ENV
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: intra-op threads only add contention when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

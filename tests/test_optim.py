@@ -18,13 +18,7 @@ from distrib_rda.optim.rda import chunk_size
 SHAPES = [(2 * chunk_size() + 1234,), (6, 3, 3, 3), (17,), (4, 5)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: intra-op threads only add contention when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_params(dtype=torch.float64, seed=0):
@@ -64,6 +58,19 @@ def expected_rda(w1, grads, *, lam, gamma, adaptive, eps, center, warmup=0.0, po
     c = w1 if center == "init" else torch.zeros_like(w1)
     return soft(c - big_g / beta, t * lam / beta)
 
+def step_and_check(opt, params, w1, grads, *, lam, **schedule):
+    """Step through ``grads``; after each step every parameter equals the closed form (the
+    first two parameters carry ``lam``, the rest lambda = 0) and the step count is t."""
+    for t in range(1, len(grads) + 1):
+        set_grads(params, grads[t - 1])
+        opt.step()
+        for i, p in enumerate(params):
+            want = expected_rda(w1[i], [g[i] for g in grads[:t]], lam=lam if i < 2 else 0.0,
+                                **schedule)
+            torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)
+            assert opt.state[p]["step"] == t
+
+
 
 def two_groups(params, lam):
     return [{"params": params[:2], "lambda_": lam}, {"params": params[2:], "lambda_": 0.0}]
@@ -88,21 +95,8 @@ def test_rda_closed_form_over_steps_float64(adaptive, center, foreach):
         center=center,
         foreach=foreach,
     )
-    for t in range(1, len(grads) + 1):
-        set_grads(params, grads[t - 1])
-        opt.step()
-        for i, p in enumerate(params):
-            want = expected_rda(
-                w1[i],
-                [g[i] for g in grads[:t]],
-                lam=lam if i < 2 else 0.0,
-                gamma=gamma,
-                adaptive=adaptive,
-                eps=eps,
-                center=center,
-            )
-            torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)
-            assert opt.state[p]["step"] == t
+    step_and_check(opt, params, w1, grads, lam=lam, gamma=gamma, adaptive=adaptive, eps=eps,
+                   center=center)
     # the l1 group has exact zeros, the lambda=0 group has none
     assert all((p == 0).any() for p in params[:2])
     assert not any((p == 0).any() for p in params[2:])
@@ -115,22 +109,8 @@ def test_rda_scalar_schedule_warmup_and_power(warmup, power, foreach):
     w1 = [p.detach().clone() for p in params]
     grads = make_grads(3)
     opt = RDA(two_groups(params, 0.05), gamma=0.7, warmup=warmup, power=power, foreach=foreach)
-    for t in range(1, len(grads) + 1):
-        set_grads(params, grads[t - 1])
-        opt.step()
-        for i, p in enumerate(params):
-            want = expected_rda(
-                w1[i],
-                [g[i] for g in grads[:t]],
-                lam=0.05 if i < 2 else 0.0,
-                gamma=0.7,
-                adaptive=False,
-                eps=0,
-                center="init",
-                warmup=warmup,
-                power=power,
-            )
-            torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-15)
+    step_and_check(opt, params, w1, grads, lam=0.05, gamma=0.7, adaptive=False, eps=0,
+                   center="init", warmup=warmup, power=power)
 
 
 def test_rda_state_holds_center_sum_step_and_sq_sum():

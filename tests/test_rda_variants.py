@@ -11,13 +11,7 @@ from torch import nn
 from distrib_rda.config import ConfigError, TrainConfig
 from distrib_rda.optim import RDA
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(300,), (4, 3, 3, 3), (7,)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from distrib_rda.errors import UserError
+from distrib_rda.safe_load import torch_load
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -50,12 +50,4 @@ def load(path: Path) -> dict[str, Any]:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: refused, it holds more than tensors and plain data "
-            f"(weights_only=True rejected it: {str(error).splitlines()[0][:160]})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
+    return torch_load(path)
