@@ -4,8 +4,10 @@ Every optimizer owns its own copy of torchvision's resnet18(num_classes=10) para
 with fixed random gradients. All optimizers are timed round-robin, one step each per round, so
 that machine noise hits each of them alike. The table gives median step times, wall-clock and
 process CPU time, and the median over rounds of the ratio to the baseline each one replaces
-(RDA vs SGD, adaptive RDA vs Adam). On a shared machine, CPU time is the steadier of the two
-(it does not count time the process waited for a core).
+(RDA vs SGD, adaptive RDA vs Adam; RDA's fused path, one generated kernel per tensor, vs torch's
+fused SGD and Adam kernels). On a shared machine, CPU time is the steadier of the two (it does
+not count time the process waited for a core). The fused RDA rows compile on their first step,
+which the warm-up rounds absorb.
 
     .venv/bin/python benchmarks/optimizer_step.py [--repeats 60] [--threads 1 2]
 """
@@ -23,33 +25,30 @@ import torchvision
 
 from distrib_rda.optim import RDA, rda_param_groups
 
-# name -> (factory(model), baseline name or None)
+SGD = "SGD(momentum=0.9, foreach=True)"
+SGD_FUSED = "SGD(momentum=0.9, fused=True)"
+ADAM = "Adam(foreach=True)"
+ADAM_FUSED = "Adam(fused=True)"
+
+
+def rda(**kwargs):
+    return lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, **kwargs)
+
+
+# name -> (factory(model), name of the baseline it replaces, or None for a baseline).
+# The fused rows (one generated kernel per tensor) are compared with torch's fused kernels.
 CASES = {
-    "SGD(momentum=0.9, foreach=True)": (
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True),
-        None,
-    ),
-    "RDA (default path)": (lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0), "SGD"),
-    "RDA(center='zero') (default path)": (
-        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, center="zero"),
-        "SGD",
-    ),
-    "RDA(foreach=True)": (
-        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, foreach=True),
-        "SGD",
-    ),
-    "Adam(foreach=True)": (
-        lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True),
-        None,
-    ),
-    "RDA(adaptive=True) (default path)": (
-        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, adaptive=True),
-        "Adam",
-    ),
-    "RDA(adaptive=True, foreach=True)": (
-        lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, adaptive=True, foreach=True),
-        "Adam",
-    ),
+    SGD: (lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True), None),
+    "RDA (default path)": (rda(), SGD),
+    "RDA(center='zero') (default path)": (rda(center="zero"), SGD),
+    "RDA(foreach=True)": (rda(foreach=True), SGD),
+    SGD_FUSED: (lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, fused=True), None),
+    "RDA(fused=True)": (rda(fused=True), SGD_FUSED),
+    ADAM: (lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), None),
+    "RDA(adaptive=True) (default path)": (rda(adaptive=True), ADAM),
+    "RDA(adaptive=True, foreach=True)": (rda(adaptive=True, foreach=True), ADAM),
+    ADAM_FUSED: (lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, fused=True), None),
+    "RDA(adaptive=True, fused=True)": (rda(adaptive=True, fused=True), ADAM_FUSED),
 }
 
 
@@ -102,7 +101,6 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for threads in args.threads:
         wall, cpu = measure(threads, args.repeats, args.warmup)
-        baseline_of = {name.split("(")[0]: name for name, (_, b) in CASES.items() if not b}
         for name, (_, base) in CASES.items():
             cells = []
             for times in (wall, cpu):
@@ -110,9 +108,10 @@ def main() -> None:
                 if base is None:
                     cells.append("baseline")
                 else:
-                    ref = times[baseline_of[base]]
+                    ref = times[base]
                     paired = statistics.median(a / b for a, b in zip(times[name], ref, strict=True))
-                    cells.append(f"{paired:.2f} vs {base}")
+                    label = base.split("(")[0] + (" fused" if "fused" in base else "")
+                    cells.append(f"{paired:.2f} vs {label}")
             print(f"| {threads} | {name} | " + " | ".join(cells) + " |")
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     adaptive: bool = Field(False, description="RDA: diagonal AdaGrad beta_t")
     eps: float = Field(1e-8, gt=0, description="RDA: added to the AdaGrad denominator")
     center: Literal["init", "zero"] = Field("init", description="RDA: prox centre")
+    fused: bool = Field(
+        False, description="RDA: one compiled kernel per tensor (torch.compile, at the first step)"
+    )
     restart: list[int] = Field(default_factory=list, description="RDA: epochs to re-centre at")
     lr: float = Field(0.05, gt=0, description="SGD, prox-SGD, GMP: peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD, prox-SGD, GMP: momentum")

@@ -200,6 +200,33 @@ def test_rda_foreach_equals_per_tensor(adaptive, center):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("center", ["init", "zero"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rda_fused_equals_per_tensor_without_recompiling(adaptive, center):
+    """The compiled kernels give the per-tensor numbers up to float32 rounding, and a moving
+    schedule (new alpha and tau every step) reuses the graphs compiled at the first steps."""
+    from torch._dynamo.utils import counters
+
+    grads = make_grads(8, dtype=torch.float32)
+    results = []
+    for fused in (False, True):
+        params = make_params(dtype=torch.float32)
+
+        def factory(ps, fused=fused):
+            return RDA(two_groups(ps, 0.02), gamma=0.8, warmup=2.0, adaptive=adaptive,
+                       center=center, fused=fused)
+
+        restart = (3,) if center == "init" else ()
+        graphs_before = counters["stats"]["unique_graphs"]
+        results.append(run(factory, params, grads[:5], restart_at=restart, project_at=(4,))[0])
+        graphs_after_five = counters["stats"]["unique_graphs"]
+        run(factory, params, grads[5:])
+        assert counters["stats"]["unique_graphs"] == graphs_after_five
+        assert (graphs_after_five > graphs_before) == fused
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_rda_default_path_follows_torch_heuristic():
     params = make_params(dtype=torch.float32)
     grads = make_grads(3, dtype=torch.float32)
@@ -300,6 +327,8 @@ def test_rda_state_dict_round_trips_and_resume_continues_trajectory(adaptive):
         ({"center": "origin"}, r"center must be one of init, zero"),
         ({"adaptive": "yes"}, r"adaptive must be True or False"),
         ({"foreach": "auto"}, r"foreach must be None, True or False"),
+        ({"fused": 1}, r"fused must be None, True or False"),
+        ({"fused": True, "foreach": True}, r"fused and foreach cannot both be True"),
         ({"warmup": -1.0}, r"warmup must be .*>= 0"),
         ({"power": 1.5}, r"power must be in \[0, 1\]"),
         ({"power": -0.5}, r"power must be .*>= 0"),

@@ -84,7 +84,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> Opt
     if cfg.optimizer == "rda":
         return OptimizerParts(RDA(
             rda_param_groups(model, cfg.lambda_), gamma=cfg.gamma, adaptive=cfg.adaptive,
-            eps=cfg.eps, center=cfg.center, warmup=cfg.warmup, power=cfg.power,
+            eps=cfg.eps, center=cfg.center, warmup=cfg.warmup, power=cfg.power, fused=cfg.fused,
         ))
     if cfg.optimizer == "prox-sgd":
         optimizer = ProxSGD(rda_param_groups(model, cfg.lambda_), lr=cfg.lr,
