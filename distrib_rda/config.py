@@ -68,9 +68,9 @@ class TrainConfig(BaseModel):
         validation_alias=AliasChoices("lambda_", "lambda"),
         description="l1 strength on conv and linear weights",
     )
-    gamma: float = Field(0.3, gt=0, description="RDA: beta_t = gamma*(t + warmup)^power")
+    gamma: float = Field(0.15, gt=0, description="RDA: beta_t = gamma*(t + warmup)^power")
     warmup: float = Field(
-        300.0, ge=0, description="RDA: t_w in beta_t = gamma*(t + t_w)^power; caps the first steps"
+        1000.0, ge=0, description="RDA: t_w in beta_t = gamma*(t + t_w)^power; caps the first steps"
     )
     power: float = Field(0.5, ge=0, le=1, description="RDA: p in beta_t = gamma*(t + t_w)^p")
     adaptive: bool = Field(False, description="RDA: diagonal AdaGrad beta_t")

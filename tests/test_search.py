@@ -31,7 +31,8 @@ from distrib_rda.search.pareto import plot_fronts, plot_search, staircase
 from distrib_rda.search.tune import _start_parent, finish_search, run_search
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCHED = {"lambda_", "gamma", "init_scale", "adaptive", "eps", "restart"}
+SEARCHED = {"lambda_", "gamma", "warmup", "power", "finetune_epochs", "init_scale", "adaptive",
+            "eps", "restart"}
 
 
 def brute_force_front(points, modes):
@@ -97,8 +98,10 @@ def test_shipped_spaces_are_valid(name):
     else:
         assert not spec.base.gpu and spec.base.workers <= 2 and spec.trials <= 8
     # every trial config is a valid TrainConfig
-    sampled = {"lambda_": 1e-4, "gamma": 0.3, "init_scale": 1.0, "adaptive": True,
-               "eps": 1e-6, "restart": json.dumps(spec.space["restart"].values[-1])}
+    sampled = {"lambda_": 1e-4, "gamma": 0.3, "warmup": 500.0, "power": 0.4,
+               "finetune_epochs": spec.space["finetune_epochs"].values[-1], "init_scale": 1.0,
+               "adaptive": True, "eps": 1e-6,
+               "restart": json.dumps(spec.space["restart"].values[-1])}
     assert isinstance(spec.trial_config(sampled), TrainConfig)
 
 
