@@ -41,7 +41,7 @@ from distrib_rda.search.report import finished_runs
 CLI = str(Path(sys.executable).with_name("distrib-rda"))
 LEVELS = (0.90, 0.95, 0.98)
 # GMP masks round(s*N) weights and reports e.g. 94.9992% for a 95% target: count it as 95%.
-SPARSITY_SLACK = 1e-3
+SPARSITY_SLACK = 1e-4
 
 
 def grid(args: argparse.Namespace, finetune: int) -> dict[str, list[dict]]:
@@ -67,7 +67,8 @@ def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> dict
     cmd = [CLI, "train", "--json", "--optimizer", method, "--model", args.model,
            "--dataset", "fashion-mnist", "--seed", str(seed), "--workers", str(args.workers),
            "--experiment", f"{args.prefix}-{method}", "--tracking-uri", args.tracking_uri,
-           "--storage", str(args.storage), "--cache-dir", str(args.cache_dir), "--name", name]
+           "--storage", str(args.storage / args.prefix), "--cache-dir", str(args.cache_dir),
+           "--name", name]
     if args.address:
         cmd += ["--address", args.address]
     for key, value in flags.items():
@@ -118,7 +119,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         by_setting.setdefault((r["method"], r["setting"]), []).append(r)
     width = 22
-    lines = [f"{'method':<9}" + "".join(f"{f'acc@sp>={lvl:.0%}':>{width}}" for lvl in LEVELS)]
+    lines = [f"{'method':<19}" + "".join(f"{f'acc@sp>={lvl:.0%}':>{width}}" for lvl in LEVELS)]
     details = []
     for method in dict.fromkeys(r["method"] for r in results):
         points = []
@@ -136,11 +137,11 @@ def table(results: list[dict]) -> str:
                 cells.append(f"{acc:.2%} ±{spread:.2%} n={n}" if n > 1 else f"{acc:.2%} n=1")
             else:
                 cells.append("-")
-        lines.append(f"{method:<9}" + "".join(f"{cell:>{width}}" for cell in cells))
+        lines.append(f"{method:<19}" + "".join(f"{cell:>{width}}" for cell in cells))
         for sp, acc, spread, n, setting in sorted(points):
             seeds = sorted(r["seed"] for r in by_setting[(method, setting)])
             sd = f" ±{spread:.2%}" if n > 1 else ""
-            details.append(f"  {method:<9} {setting}: sparsity {sp:.2%}, accuracy {acc:.2%}{sd}"
+            details.append(f"  {method:<19} {setting}: sparsity {sp:.2%}, accuracy {acc:.2%}{sd}"
                            f" (seeds {seeds})")
     return "\n".join(lines + ["", "settings (mean over seeds, ± standard deviation):"] + details)
 
