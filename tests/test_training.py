@@ -125,3 +125,19 @@ def test_unknown_model_is_refused_by_the_parser(capsys):
         main(["train", "--model", "alexnet"])
     assert exit_info.value.code == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_ray_train_report_logging_is_quieted():
+    """Ray Train logs each report, whole metrics dict included, at INFO from a logger named by
+    its file; the worker loop turns it down to WARNING (if Ray renames it, this test says so)."""
+    import logging
+
+    import ray.train.v2._internal.execution.context as report_module
+
+    from distrib_rda.training.loop import quiet_report_logging
+
+    report_logger = logging.getLogger(report_module.__file__)
+    report_logger.setLevel(logging.INFO)
+    quiet_report_logging()
+    assert not report_logger.isEnabledFor(logging.INFO)
+    assert report_logger.isEnabledFor(logging.WARNING)

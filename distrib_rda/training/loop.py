@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -23,6 +24,16 @@ from distrib_rda.sparsity import layer_sparsity, nonzeros, sparsity
 from distrib_rda.training import checkpoint
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.optimizers import OptimizerParts, build_finetune, build_optimizer
+
+# Ray Train 2.60 logs every ray.train.report() at INFO, with the whole metrics dict, under a
+# logger named by its source file: outside "ray.train", so LoggingConfig does not quiet it.
+REPORT_LOGGER = "ray/train/v2/_internal/execution/context.py"
+
+
+def quiet_report_logging() -> None:
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(REPORT_LOGGER):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class NonFiniteError(FloatingPointError):
@@ -84,6 +95,7 @@ def epoch_metrics(module: nn.Module, epoch: int, train_loss: float, accuracy: fl
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    quiet_report_logging()
     cfg = TrainConfig.build(**config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
