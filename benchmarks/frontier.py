@@ -30,7 +30,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,8 +57,9 @@ def grid(args: argparse.Namespace, finetune: int) -> dict[str, list[dict]]:
     }
 
 
-def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> dict:
-    """One ``distrib-rda train --json`` run; returns its JSON summary plus the setting."""
+def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> None:
+    """One ``distrib-rda train --json`` run into the ``<prefix>-<method>`` experiment; the
+    table reads it back from MLflow (:func:`stored_results`)."""
     flags = {"epochs": args.epochs, **flags}
     if args.subset:
         flags["subset"] = args.subset
@@ -73,17 +73,13 @@ def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> dict
         cmd += ["--address", args.address]
     for key, value in flags.items():
         cmd += [f"--{key}", str(value)]
-    started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"FAILED {name}: {done.stderr[-2000:]}", file=sys.stderr, flush=True)
-        return {"method": method, "setting": flags, "seed": seed, "failed": True}
+        return
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    summary.update(method=method, setting=flags, seed=seed,
-                   wall=time.perf_counter() - started)
-    print(f"{name}: accuracy {summary['accuracy']:.2%} sparsity {summary['sparsity']:.2%} "
-          f"({summary['wall']:.0f}s)", flush=True)
-    return summary
+    print(f"{name}: accuracy {summary['accuracy']:.2%} sparsity {summary['sparsity']:.2%}",
+          flush=True)
 
 
 def stored_results(args: argparse.Namespace) -> list[dict]:
