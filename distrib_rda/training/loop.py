@@ -125,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     module.to(device)
     if state:
         module.load_state_dict(state["model"])
-    model = DistributedDataParallel(module) if dist.is_initialized() else module
+    # Alone, DDP still all-reduces over a group of one every step: a gloo round trip for nothing.
+    model = DistributedDataParallel(module) if world_size > 1 else module
 
     steps_per_epoch = len(loaders.train)
     total_epochs = cfg.epochs + cfg.finetune_epochs

@@ -1,0 +1,124 @@
+"""What bounds 2-worker strong scaling on one machine: a step's compute against one all-reduce.
+
+Two processes of one thread each join a gloo process group (as Ray Train's CPU workers do) and
+time, in the same run:
+
+- ``t(B)``: one training step (forward, backward, optimizer) of the model at batch ``B``, and
+  ``t(B/2)``: the same at half the batch, what each of 2 workers computes at global batch ``B``;
+- ``a``: one all-reduce of the model's gradient (one flat tensor, as DDP's single bucket),
+  back to back, and right after a step's compute, which is what DDP pays every step.
+
+Means, not medians: throughput pays the slow tail too.
+
+With the all-reduce after every step (``--sync-every 1``), 2 workers process ``B`` samples in
+``t(B/2) + a`` while 1 worker takes ``t(B)``, so strong scaling is at most
+
+    S ≤ t(B) / (t(B/2) + a),
+
+and without any communication at most ``t(B) / t(B/2)``.
+
+    .venv/bin/python benchmarks/allreduce_latency.py [--model lenet5] [--batch-size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from distrib_rda.config import TrainConfig
+from distrib_rda.models import build_model
+from distrib_rda.training.optimizers import build_optimizer
+
+STEPS = 200
+
+
+def step_seconds(model: torch.nn.Module, optimizer, batch: int, steps: int = STEPS) -> float:
+    """Mean seconds of one forward, backward and optimizer step at ``batch`` (random data)."""
+    images, labels = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return statistics.mean(times[steps // 10:])
+
+
+def all_reduce_seconds(flat: torch.Tensor, between=None, steps: int = STEPS) -> float:
+    """Mean seconds of ``dist.all_reduce(flat)``, each after ``between()`` if given."""
+    times = []
+    for _ in range(steps):
+        if between is not None:
+            between()
+        started = time.perf_counter()
+        dist.all_reduce(flat)
+        times.append(time.perf_counter() - started)
+    return statistics.mean(times[steps // 10:])
+
+
+def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = build_model(model_name, in_channels=1, image_size=28, num_classes=10)
+    optimizer = build_optimizer(TrainConfig.build(model=model_name), model,
+                                total_steps=10 * STEPS).optimizer
+    full = step_seconds(model, optimizer, batch)
+    half = step_seconds(model, optimizer, batch // 2)
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+    dist.barrier()
+    back_to_back = all_reduce_seconds(flat)
+    dist.barrier()
+    after_step = all_reduce_seconds(flat, between=lambda: step_seconds(
+        model, optimizer, batch // 2, steps=1))
+    if rank == 0:
+        results.put({"full": full, "half": half, "back_to_back": back_to_back,
+                     "after_step": after_step, "numel": flat.numel()})
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet5", choices=["lenet5", "lenet300"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    store = Path(tempfile.mkdtemp(prefix="allreduce-")) / "store"
+    processes = [context.Process(target=worker, args=(rank, str(store), args.model,
+                                                      args.batch_size, results))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    measured = results.get()
+    for process in processes:
+        process.join()
+
+    batch, ms = args.batch_size, 1e3
+    print(f"{args.model}, {measured['numel']:,} parameters, gloo, 2 processes of 1 thread, "
+          f"torch {torch.__version__} (means of {STEPS} repetitions after {STEPS // 10} warm-up)\n")
+    print("| quantity | ms |\n| --- | --- |")
+    print(f"| t({batch}): one step at batch {batch} | {measured['full'] * ms:.2f} |")
+    print(f"| t({batch // 2}): one step at batch {batch // 2} | {measured['half'] * ms:.2f} |")
+    print(f"| a: one gradient all-reduce, back to back | {measured['back_to_back'] * ms:.2f} |")
+    print(f"| a: one gradient all-reduce, after a step | {measured['after_step'] * ms:.2f} |")
+    bound = measured["full"] / (measured["half"] + measured["after_step"])
+    no_comm = measured["full"] / measured["half"]
+    print("\n| 2-worker strong scaling bound | value |\n| --- | --- |")
+    print(f"| no communication: t({batch}) / t({batch // 2}) | {no_comm:.2f}x |")
+    print(f"| all-reduce every step: t({batch}) / (t({batch // 2}) + a) | {bound:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
