@@ -8,7 +8,8 @@ time, in the same run:
 - ``a``: one all-reduce of the model's gradient (one flat tensor, as DDP's single bucket),
   back to back, and right after a step's compute, which is what DDP pays every step.
 
-Means, not medians: throughput pays the slow tail too.
+Each quantity is a mean over a round of repetitions (throughput pays the slow tail too), and
+the quantities take turns for several rounds, of which the median is reported.
 
 With the all-reduce after every step (``--sync-every 1``), 2 workers process ``B`` samples in
 ``t(B/2) + a`` while 1 worker takes ``t(B)``, so strong scaling is at most
@@ -31,27 +32,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 from distrib_rda.config import TrainConfig
 from distrib_rda.models import build_model
-from distrib_rda.training.optimizers import build_optimizer
+from distrib_rda.training.dual_sync import LocalDualAveraging
+from distrib_rda.training.loop import train_step
+from distrib_rda.training.optimizers import OptimizerParts, build_optimizer
 
-STEPS = 200
+STEPS = 40   # per round: a mean, so the slow tail counts
+ROUNDS = 5   # the quantities take turns; the median round is reported (the host is noisy)
 
 
-def step_seconds(model: torch.nn.Module, optimizer, batch: int, steps: int = STEPS) -> float:
-    """Mean seconds of one forward, backward and optimizer step at ``batch`` (random data)."""
+def step_seconds(model: torch.nn.Module, parts: OptimizerParts, batch: int,
+                 steps: int = STEPS) -> float:
+    """Mean seconds of the training loop's ``train_step`` at ``batch`` (random data)."""
     images, labels = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    dual = LocalDualAveraging(parts.optimizer, every=1)
     times = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         started = time.perf_counter()
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, parts, dual, images, labels, step)
         times.append(time.perf_counter() - started)
-    return statistics.mean(times[steps // 10:])
+    return statistics.mean(times)
 
 
 def all_reduce_seconds(flat: torch.Tensor, between=None, steps: int = STEPS) -> float:
@@ -63,7 +65,7 @@ def all_reduce_seconds(flat: torch.Tensor, between=None, steps: int = STEPS) -> 
         started = time.perf_counter()
         dist.all_reduce(flat)
         times.append(time.perf_counter() - started)
-    return statistics.mean(times[steps // 10:])
+    return statistics.mean(times)
 
 
 def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
@@ -71,19 +73,26 @@ def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = build_model(model_name, in_channels=1, image_size=28, num_classes=10)
-    optimizer = build_optimizer(TrainConfig.build(model=model_name), model,
-                                total_steps=10 * STEPS).optimizer
-    full = step_seconds(model, optimizer, batch)
-    half = step_seconds(model, optimizer, batch // 2)
+    parts = build_optimizer(TrainConfig.build(model=model_name), model, total_steps=10 * STEPS)
     flat = torch.zeros(sum(p.numel() for p in model.parameters()))
-    dist.barrier()
-    back_to_back = all_reduce_seconds(flat)
-    dist.barrier()
-    after_step = all_reduce_seconds(flat, between=lambda: step_seconds(
-        model, optimizer, batch // 2, steps=1))
+
+    def after_step() -> float:
+        return all_reduce_seconds(flat, between=lambda: step_seconds(model, parts, batch // 2,
+                                                                     steps=1))
+
+    measures = {"full": lambda: step_seconds(model, parts, batch),
+                "half": lambda: step_seconds(model, parts, batch // 2),
+                "back_to_back": lambda: all_reduce_seconds(flat), "after_step": after_step}
+    rounds: dict[str, list[float]] = {key: [] for key in measures}
+    for round_ in range(ROUNDS + 1):  # round 0 warms up
+        for key, measure in measures.items():
+            dist.barrier()
+            seconds = measure()
+            if round_:
+                rounds[key].append(seconds)
     if rank == 0:
-        results.put({"full": full, "half": half, "back_to_back": back_to_back,
-                     "after_step": after_step, "numel": flat.numel()})
+        results.put({key: statistics.median(values) for key, values in rounds.items()}
+                    | {"numel": flat.numel()})
     dist.destroy_process_group()
 
 
@@ -107,7 +116,7 @@ def main() -> None:
 
     batch, ms = args.batch_size, 1e3
     print(f"{args.model}, {measured['numel']:,} parameters, gloo, 2 processes of 1 thread, "
-          f"torch {torch.__version__} (means of {STEPS} repetitions after {STEPS // 10} warm-up)\n")
+          f"torch {torch.__version__} (median of {ROUNDS} rounds of {STEPS}-repetition means)\n")
     print("| quantity | ms |\n| --- | --- |")
     print(f"| t({batch}): one step at batch {batch} | {measured['full'] * ms:.2f} |")
     print(f"| t({batch // 2}): one step at batch {batch // 2} | {measured['half'] * ms:.2f} |")
