@@ -1,15 +1,19 @@
 """Sparsity/accuracy frontier on Fashion-MNIST (lenet5, or --model): RDA against the baselines.
 
 Every run goes through the product, ``distrib-rda train ... --json`` (Ray Train, DDP, MLflow),
-one MLflow experiment per method (``<prefix>-sgd``, ``-gmp``, ``-prox-sgd``, ``-rda``); then
+one MLflow experiment per method (``<prefix>-sgd``, ``-gmp``, ``-prox-sgd``, ``-rda``,
+``-rda-target``); then
 ``distrib-rda pareto --experiment <prefix>-rda --compare ... --out frontier.png`` draws all the
 fronts in one plot. Every method gets the same epoch budget: RDA runs ``epochs - finetune``
 epochs of RDA and then ``finetune`` epochs of fixed-mask fine-tuning (``finetune_epochs``);
-GMP prunes over 10-60% of its run and trains the mask for the rest. Printed at the end, per
-method: the best accuracy (mean over seeds of one setting, its standard deviation and the
-number of seeds) among settings whose mean sparsity is >= 90%, >= 95% and >= 98%, read back
-from the MLflow store, so that later invocations (more seeds) add to the same table. RDA's
-runs appear twice: after the fine-tune, and as "rda (no fine-tune)" at their last RDA epoch.
+GMP prunes over 10-60% of its run and trains the mask for the rest. ``rda-target`` is RDA
+at a smaller lambda whose iterate is cut to a target sparsity (``--target-sparsity``: the
+l1 threshold raised, i.e. global magnitude of the RDA iterate) before the same fine-tune.
+Printed at the end, per method: the best accuracy (mean over seeds of one setting, its
+standard deviation and the number of seeds) among settings whose mean sparsity is >= 90%,
+>= 95% and >= 98%, read back from the MLflow store, so that later invocations (more seeds) add
+to the same table. RDA's runs appear twice: after the fine-tune, and as "rda (no fine-tune)"
+at their last RDA epoch.
 
     .venv/bin/python benchmarks/frontier.py                # 20 epochs, seed 0, the full grid
     # two runs at once, sharing one Ray cluster:
@@ -39,6 +43,8 @@ from distrib_rda.search.report import finished_runs
 
 CLI = str(Path(sys.executable).with_name("distrib-rda"))
 LEVELS = (0.90, 0.95, 0.98)
+# A method is an optimizer, or one of these settings of one, with its own experiment.
+OPTIMIZER = {"rda-target": "rda"}
 # GMP masks round(s*N) weights and reports e.g. 94.9992% for a 95% target: count it as 95%.
 SPARSITY_SLACK = 1e-4
 
@@ -46,15 +52,26 @@ SPARSITY_SLACK = 1e-4
 def grid(args: argparse.Namespace, finetune: int) -> dict[str, list[dict]]:
     """The settings per method (flags of ``distrib-rda train``)."""
     rda_epochs = max(1, args.epochs - finetune)
-    rda = [{"lambda": lam, "gamma": args.rda_gamma, "warmup": args.rda_warmup,
-            "epochs": rda_epochs, "finetune-epochs": args.epochs - rda_epochs}
-           for lam in args.rda_lambdas]
+    rda = {"gamma": args.rda_gamma, "warmup": args.rda_warmup, "epochs": rda_epochs,
+           "finetune-epochs": args.epochs - rda_epochs}
     return {
         "sgd": [{}],
         "gmp": [{"target-sparsity": s} for s in args.gmp_targets],
         "prox-sgd": [{"lambda": lam} for lam in args.prox_lambdas],
-        "rda": rda,
+        "rda": [{"lambda": lam, **rda} for lam in args.rda_lambdas],
+        "rda-target": [{"lambda": lam, "target-sparsity": s, **rda}
+                       for s, lam in args.rda_targets],
     }
+
+
+def target_and_lambda(text: str) -> tuple[float, float]:
+    """``--rda-targets`` items: ``SPARSITY:LAMBDA``, e.g. ``0.98:4e-4``."""
+    try:
+        sparsity, lam = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected SPARSITY:LAMBDA such as 0.98:4e-4, got {text!r}") from None
+    return sparsity, lam
 
 
 def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> None:
@@ -64,7 +81,8 @@ def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> None
     if args.subset:
         flags["subset"] = args.subset
     name = "-".join([method, *(f"{k}{v}" for k, v in sorted(flags.items())), f"s{seed}"])
-    cmd = [CLI, "train", "--json", "--optimizer", method, "--model", args.model,
+    cmd = [CLI, "train", "--json", "--optimizer", OPTIMIZER.get(method, method),
+           "--model", args.model,
            "--dataset", "fashion-mnist", "--seed", str(seed), "--workers", str(args.workers),
            "--experiment", f"{args.prefix}-{method}", "--tracking-uri", args.tracking_uri,
            "--storage", str(args.storage / args.prefix), "--cache-dir", str(args.cache_dir),
@@ -97,7 +115,7 @@ def stored_results(args: argparse.Namespace) -> list[dict]:
                    "seed": int(point.params.get("seed", 0)),
                    "accuracy": point.metrics["accuracy"], "sparsity": point.metrics["sparsity"]}
             results.append(row)
-            if int(point.params.get("finetune_epochs", 0)) > 0:
+            if method == "rda" and int(point.params.get("finetune_epochs", 0)) > 0:
                 # The same run before its fine-tune: the metrics of its last RDA epoch.
                 last = int(point.params["epochs"])
                 before = {metric: {m.step: m.value for m in
@@ -149,12 +167,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--finetune", type=int, default=None,
                         help="RDA's fine-tune epochs within the budget (default: epochs // 2)")
-    parser.add_argument("--methods", nargs="+", default=["sgd", "gmp", "prox-sgd", "rda"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["sgd", "gmp", "prox-sgd", "rda", "rda-target"])
     parser.add_argument("--subset", type=int, default=None, help="train on the first N images")
     parser.add_argument("--gmp-targets", type=float, nargs="+", default=list(LEVELS))
     parser.add_argument("--prox-lambdas", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--rda-lambdas", type=float, nargs="+",
                         default=[4.5e-4, 6e-4, 9e-4, 1.1e-3])
+    parser.add_argument("--rda-targets", type=target_and_lambda, nargs="+",
+                        default=[(0.95, 2e-4), (0.98, 4e-4)], metavar="SPARSITY:LAMBDA",
+                        help="rda-target: RDA at LAMBDA, cut to SPARSITY before the fine-tune")
     parser.add_argument("--rda-gamma", type=float, default=0.15)
     parser.add_argument("--rda-warmup", type=float, default=1000)
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")
@@ -177,11 +199,13 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{args.model} on fashion-mnist ({args.subset or 'all'} training images, the whole test"
-          f" set), {args.epochs} epochs per run (RDA: {args.epochs - finetune}"
-          f" + {finetune} fine-tune), batch 128, {args.workers} workers, seeds {args.seeds}, "
-          f"{len(jobs)} runs, {args.parallel} at once", flush=True)
-    if not args.table_only:
+    if args.table_only:
+        print(f"the runs stored in {args.tracking_uri}, experiments {args.prefix}-*", flush=True)
+    else:
+        print(f"{args.model} on fashion-mnist ({args.subset or 'all'} training images, the whole"
+              f" test set), {args.epochs} epochs per run (RDA: {args.epochs - finetune}"
+              f" + {finetune} fine-tune), batch 128, {args.workers} workers, seeds {args.seeds}, "
+              f"{len(jobs)} runs, {args.parallel} at once", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
             list(pool.map(lambda job: train(*job, args), jobs))
     methods = list(dict.fromkeys(args.methods))

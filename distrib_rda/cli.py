@@ -59,7 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "EPOCHS"
         elif typing.get_origin(annotation) is typing.Literal:
             kwargs["choices"] = list(args)
-        elif annotation is float:
+        elif annotation is float or float in args:
             kwargs["type"] = _parse_float
         elif annotation is int or int in args:
             kwargs["type"] = _parse_int

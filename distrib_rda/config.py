@@ -82,7 +82,11 @@ class TrainConfig(BaseModel):
     restart: list[int] = Field(default_factory=list, description="RDA: epochs to re-centre at")
     lr: float = Field(0.05, gt=0, description="SGD, prox-SGD, GMP: peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD, prox-SGD, GMP: momentum")
-    target_sparsity: float = Field(0.9, ge=0, lt=1, description="GMP: final sparsity")
+    target_sparsity: float | None = Field(
+        None, ge=0, lt=1, description="GMP: the final fraction of zeros (required). RDA: at the "
+        "end of the RDA epochs, raise the l1 threshold until this fraction of the conv and linear "
+        "weights is zero, then fine-tune (needs finetune_epochs)"
+    )
     finetune_epochs: int = Field(
         0, ge=0, description="after `epochs`, train the surviving weights with the mask fixed "
         "(SGD, lr, momentum, cosine) for this many more epochs"
@@ -135,6 +139,16 @@ class TrainConfig(BaseModel):
         if self.restart and self.center == "zero":
             raise ValueError("restart re-centres at w; it needs center: init (a zero centre "
                              "with G reset to 0 would collapse the weights)")
+        if self.optimizer == "gmp" and self.target_sparsity is None:
+            raise ValueError("optimizer gmp needs target_sparsity (--target-sparsity), the final "
+                             "fraction of zeros in [0, 1), e.g. 0.9")
+        if self.target_sparsity is not None and self.optimizer not in ("gmp", "rda"):
+            raise ValueError(f"target_sparsity applies to optimizer gmp or rda, not "
+                             f"{self.optimizer}")
+        if (self.optimizer == "rda" and self.target_sparsity is not None
+                and self.finetune_epochs == 0):
+            raise ValueError("target_sparsity with optimizer rda prunes before the fine-tune; "
+                             "it needs finetune_epochs >= 1 (--finetune-epochs)")
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size {self.batch_size} is smaller than workers "
                              f"{self.workers}; it is the global batch, split over the workers")

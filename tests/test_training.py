@@ -54,6 +54,27 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
         run.info.run_id, "layer_sparsity.json", str(tmp_path))).read())
 
 
+
+def test_rda_cut_to_a_target_sparsity_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri,
+                                                 capsys):
+    """One RDA epoch at a small lambda, cut to 95% and fine-tuned for one epoch: the run ends
+    at exactly round(0.95 N) zeros, the RDA epoch before the cut was less sparse, and MLflow
+    holds both."""
+    assert main(train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs",
+                           "1", "--finetune-epochs", "1", "--lambda", "1e-4",
+                           "--target-sparsity", "0.95", "--name", "target", "--json")) == 0
+    result = last_json_line(capsys.readouterr().out)
+    n = 61_470  # lenet5's conv and linear weights on 28x28x1
+    assert result["nonzeros"] == n - round(0.95 * n)
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.params["target_sparsity"] == "0.95"
+    by_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "sparsity")}
+    assert by_epoch[1] < 0.9 and by_epoch[2] == pytest.approx(round(0.95 * n) / n)
+    assert run.data.metrics["sparsity_before_finetune"] == pytest.approx(by_epoch[1])
+
+
 def test_rerun_of_finished_name_resumes_without_retraining(ray_local, tmp_path, beton_cache,
                                                            tracking_uri, capsys):
     args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MagnitudePruner"]
+__all__ = ["MagnitudePruner", "magnitude_masks"]
 
 
 class MagnitudePruner:
@@ -105,27 +105,7 @@ class MagnitudePruner:
             w.mul_(m)
 
     def _prune(self, sparsity: float) -> None:
-        k = round(sparsity * self.num_weights)
-        if k <= 0:
-            return
-        # Masked weights score -1, below every kept one: they are pruned first (nested masks).
-        scores = torch.cat(
-            [
-                torch.where(m, w.detach().abs(), -1.0).flatten().float()
-                for w, m in zip(self.weights, self.masks, strict=True)
-            ]
-        )
-        threshold = scores.kthvalue(k).values
-        keep = scores > threshold
-        # Ties at the threshold: prune the first of them in order, until exactly k are pruned.
-        tied = (scores == threshold).nonzero().flatten()
-        n_tied_pruned = k - int((scores < threshold).sum())
-        keep[tied[n_tied_pruned:]] = True
-        offset = 0
-        for i, w in enumerate(self.weights):
-            n = w.numel()
-            self.masks[i] = keep[offset : offset + n].view_as(w).to(w.device)
-            offset += n
+        self.masks = magnitude_masks(self.weights, sparsity, self.masks)
 
     def sparsity(self) -> float:
         """Fraction of the pruned weights that are masked now."""
@@ -167,6 +147,38 @@ class MagnitudePruner:
             "end_step": self.end_step,
             "frequency": self.frequency,
         }
+
+
+def magnitude_masks(
+    weights: list[Tensor], sparsity: float, masks: list[Tensor] | None = None
+) -> list[Tensor]:
+    r"""Global magnitude selection: boolean masks over ``weights`` (``True``: kept) that mask
+    exactly :math:`k = \operatorname{round}(sN)` of the :math:`N` weights together, those of
+    smallest :math:`|w|`. Weights already masked in ``masks`` are masked first, so the new masks
+    are nested in the old ones. Ties at the threshold are masked in order until :math:`k` are.
+    """
+    if masks is None:
+        masks = [torch.ones_like(w, dtype=torch.bool) for w in weights]
+    k = round(sparsity * sum(w.numel() for w in weights))
+    if k <= 0:
+        return masks
+    # Masked weights score -1, below every kept one: they are pruned first (nested masks).
+    scores = torch.cat(
+        [
+            torch.where(m, w.detach().abs(), -1.0).flatten().float()
+            for w, m in zip(weights, masks, strict=True)
+        ]
+    )
+    threshold = scores.kthvalue(k).values
+    keep = scores > threshold
+    tied = (scores == threshold).nonzero().flatten()
+    n_tied_pruned = k - int((scores < threshold).sum())
+    keep[tied[n_tied_pruned:]] = True
+    out, offset = [], 0
+    for w in weights:
+        out.append(keep[offset : offset + w.numel()].view_as(w).to(w.device))
+        offset += w.numel()
+    return out
 
 
 def _check_fraction(name: str, value: Any, *, upper: float, closed: bool = False) -> None:

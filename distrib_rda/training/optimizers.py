@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from distrib_rda.config import TrainConfig
-from distrib_rda.optim import RDA, MagnitudePruner, ProxSGD, prunable_weights, rda_param_groups
+from distrib_rda.optim import (
+    RDA,
+    MagnitudePruner,
+    ProxSGD,
+    magnitude_masks,
+    prunable_weights,
+    rda_param_groups,
+)
 
 # Gradual magnitude pruning prunes from 10% to 60% of training, then trains the mask.
 GMP_WINDOW = (0.1, 0.6)
@@ -72,11 +79,26 @@ def build_finetune(cfg: TrainConfig, model: nn.Module, total_steps: int) -> Opti
         w \leftarrow m \odot \operatorname{SGD}(w), \qquad
         \eta_k = \tfrac{\eta}{2}\bigl(1 + \cos(\pi k / K)\bigr).
 
-    Sparsity cannot change; accuracy is what the surviving weights can reach."""
+    Sparsity cannot change; accuracy is what the surviving weights can reach.
+
+    **RDA to a target sparsity** (``optimizer: rda`` with ``target_sparsity`` :math:`s`): first
+    the RDA iterate :math:`w = S_\tau(u)`, :math:`u = w_1 - G_t/\beta_t`, is cut to the support
+    it would have at the raised threshold :math:`\tau' \ge \tau` that leaves
+    :math:`\operatorname{round}(sN)` of the :math:`N` conv and linear weights at zero. As
+    :math:`|w| = \max(|u| - \tau, 0)` ranks the weights as :math:`|u|` does, that support is the
+    :math:`N - \operatorname{round}(sN)` largest :math:`|w|` over all layers together (the
+    survivors keep their values, unshrunk by :math:`\tau' - \tau`). A weight that is already
+    zero stays zero, so an iterate sparser than :math:`s` is left as it is, and building the
+    fine-tune again on the cut model (a resume) cuts nothing more."""
+    weights = [weight for _, weight in prunable_weights(model)]
+    if cfg.optimizer == "rda" and cfg.target_sparsity is not None:
+        with torch.no_grad():
+            for weight, keep in zip(weights, magnitude_masks(weights, cfg.target_sparsity),
+                                    strict=True):
+                weight.mul_(keep)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    mask = FixedMask([weight for _, weight in prunable_weights(model)])
-    return OptimizerParts(optimizer, scheduler, mask)
+    return OptimizerParts(optimizer, scheduler, FixedMask(weights))
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, total_steps: int) -> OptimizerParts:
