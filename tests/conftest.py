@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import shutil
 import tempfile
 
@@ -10,6 +11,13 @@ import ray
 import torch
 
 from distrib_rda.training.driver import WORKER_ENV
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """pytest's own faulthandler stops at this point; keep one on until the process exits, so
+    that a crash while Ray, gRPC or torch tear down after the last test prints its stack."""
+    faulthandler.enable()
 
 
 @pytest.fixture
