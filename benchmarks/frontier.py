@@ -2,18 +2,17 @@
 
 Every run goes through the product, ``distrib-rda train ... --json`` (Ray Train, DDP, MLflow),
 one MLflow experiment per method (``<prefix>-sgd``, ``-gmp``, ``-prox-sgd``, ``-rda``,
-``-rda-target``); then
-``distrib-rda pareto --experiment <prefix>-rda --compare ... --out frontier.png`` draws all the
-fronts in one plot. Every method gets the same epoch budget: RDA runs ``epochs - finetune``
-epochs of RDA and then ``finetune`` epochs of fixed-mask fine-tuning (``finetune_epochs``);
-GMP prunes over 10-60% of its run and trains the mask for the rest. ``rda-target`` is RDA
-at a smaller lambda whose iterate is cut to a target sparsity (``--target-sparsity``: the
-l1 threshold raised, i.e. global magnitude of the RDA iterate) before the same fine-tune.
-Printed at the end, per method: the best accuracy (mean over seeds of one setting, its
-standard deviation and the number of seeds) among settings whose mean sparsity is >= 90%,
->= 95% and >= 98%, read back from the MLflow store, so that later invocations (more seeds) add
-to the same table. RDA's runs appear twice: after the fine-tune, and as "rda (no fine-tune)"
-at their last RDA epoch.
+``-rda-target``); then ``distrib-rda pareto --experiment <prefix>-<last method> --compare <the
+others> --out frontier.png`` draws all the fronts in one plot. Every method gets the same epoch
+budget: RDA runs ``epochs - finetune`` epochs of RDA and then ``finetune`` epochs of fixed-mask
+fine-tuning (``finetune_epochs``); GMP prunes over 10-60% of its run and trains the mask for
+the rest. ``rda-target`` is RDA at a smaller lambda whose iterate is cut to a target sparsity
+(``--target-sparsity``: the l1 threshold raised, i.e. global magnitude of the RDA iterate)
+before the same fine-tune. Printed at the end, per method: the best accuracy (mean over seeds
+of one setting, its standard deviation and the number of seeds) among settings whose mean
+sparsity is >= 90%, >= 95% and >= 98%, read back from the MLflow store, so that later
+invocations (more seeds) add to the same table. RDA's runs appear twice: after the fine-tune,
+and as "rda (no fine-tune)" at their last RDA epoch.
 
     .venv/bin/python benchmarks/frontier.py                # 20 epochs, seed 0, the full grid
     # two runs at once, sharing one Ray cluster:
@@ -82,8 +81,8 @@ def train(method: str, flags: dict, seed: int, args: argparse.Namespace) -> None
         flags["subset"] = args.subset
     name = "-".join([method, *(f"{k}{v}" for k, v in sorted(flags.items())), f"s{seed}"])
     cmd = [CLI, "train", "--json", "--optimizer", OPTIMIZER.get(method, method),
-           "--model", args.model,
-           "--dataset", "fashion-mnist", "--seed", str(seed), "--workers", str(args.workers),
+           "--model", args.model, "--dataset", "fashion-mnist", "--seed", str(seed),
+           "--workers", str(args.workers),
            "--experiment", f"{args.prefix}-{method}", "--tracking-uri", args.tracking_uri,
            "--storage", str(args.storage / args.prefix), "--cache-dir", str(args.cache_dir),
            "--name", name]

@@ -143,8 +143,8 @@ class TrainConfig(BaseModel):
             raise ValueError("optimizer gmp needs target_sparsity (--target-sparsity), the final "
                              "fraction of zeros in [0, 1), e.g. 0.9")
         if self.target_sparsity is not None and self.optimizer not in ("gmp", "rda"):
-            raise ValueError(f"target_sparsity applies to optimizer gmp or rda, not "
-                             f"{self.optimizer}")
+            raise ValueError(f"target_sparsity (--target-sparsity) applies to optimizer gmp "
+                             f"or rda, not {self.optimizer}")
         if (self.optimizer == "rda" and self.target_sparsity is not None
                 and self.finetune_epochs == 0):
             raise ValueError("target_sparsity with optimizer rda prunes before the fine-tune; "

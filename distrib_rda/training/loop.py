@@ -143,7 +143,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, total_epochs + 1):
         if epoch in cfg.restart and hasattr(parts.optimizer, "restart"):
             parts.optimizer.restart()
-        if epoch == cfg.epochs + 1:  # the fine-tune starts: the support is fixed from here
+        if epoch == cfg.epochs + 1:
+            # The fine-tune starts (after the cut to target_sparsity, if set): the support is
+            # fixed from here.
             parts = build_finetune(cfg, module, total_steps=finetune_steps)
             dual = LocalDualAveraging(parts.optimizer, every=1)
         started = time.perf_counter()
