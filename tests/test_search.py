@@ -105,7 +105,6 @@ def test_shipped_spaces_are_valid(name):
     assert isinstance(spec.trial_config(sampled), TrainConfig)
 
 
-
 def test_shipped_target_space_searches_lambda_per_target():
     spec = load_space(REPO / "tune" / "fashion_mnist_lenet5_target.yaml")
     assert set(spec.space) == {"lambda_", "target_sparsity"}
@@ -114,6 +113,7 @@ def test_shipped_target_space_searches_lambda_per_target():
     for target in spec.space["target_sparsity"].values:
         config = spec.trial_config({"lambda_": 3e-4, "target_sparsity": target})
         assert config.target_sparsity == target
+
 
 BASE = {"config": {"epochs": 1}, "space": {"lambda_": {"loguniform": [1e-5, 1e-3]}}}
 

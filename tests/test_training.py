@@ -54,7 +54,6 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
         run.info.run_id, "layer_sparsity.json", str(tmp_path))).read())
 
 
-
 def test_rda_cut_to_a_target_sparsity_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri,
                                                  capsys):
     """One RDA epoch at a small lambda, cut to 95% and fine-tuned for one epoch: the run ends
