@@ -3,8 +3,11 @@
 Two processes of one thread each join a gloo process group (as Ray Train's CPU workers do) and
 time, in the same run:
 
-- ``t(B)``: one training step (forward, backward, optimizer) of the model at batch ``B``, and
-  ``t(B/2)``: the same at half the batch, what each of 2 workers computes at global batch ``B``;
+- ``t₁(B)``: one training step (forward, backward, optimizer) of the model at batch ``B`` with
+  the other process idle, what 1 worker computes;
+- ``t(B)`` and ``t(B/2)``: the same with both processes computing at once, at the full and
+  the half batch; ``t(B/2)`` is what each of 2 workers computes at global batch ``B``, and
+  ``t(B) / t₁(B)`` is what two busy cores cost each other (shared caches, memory, host);
 - ``a``: one all-reduce of the model's gradient (one flat tensor, as DDP's single bucket),
   back to back, and right after a step's compute, which is what DDP pays every step.
 
@@ -12,11 +15,11 @@ Each quantity is a mean over a round of repetitions (throughput pays the slow ta
 the quantities take turns for several rounds, of which the median is reported.
 
 With the all-reduce after every step (``--sync-every 1``), 2 workers process ``B`` samples in
-``t(B/2) + a`` while 1 worker takes ``t(B)``, so strong scaling is at most
+``t(B/2) + a`` while 1 worker takes ``t₁(B)``, so strong scaling is at most
 
-    S ≤ t(B) / (t(B/2) + a),
+    S ≤ t₁(B) / (t(B/2) + a),
 
-and without any communication at most ``t(B) / t(B/2)``.
+and without any communication at most ``t₁(B) / t(B/2)``.
 
     .venv/bin/python benchmarks/allreduce_latency.py [--model lenet5] [--batch-size 128]
 """
@@ -34,7 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distrib_rda.config import TrainConfig
-from distrib_rda.models import build_model
+from distrib_rda.models import BUILDERS, build_model
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import train_step
 from distrib_rda.training.optimizers import OptimizerParts, build_optimizer
@@ -80,7 +83,10 @@ def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
         return all_reduce_seconds(flat, between=lambda: step_seconds(model, parts, batch // 2,
                                                                      steps=1))
 
-    measures = {"full": lambda: step_seconds(model, parts, batch),
+    def alone() -> float:
+        return step_seconds(model, parts, batch) if rank == 0 else 0.0  # rank 1 waits
+
+    measures = {"alone": alone, "full": lambda: step_seconds(model, parts, batch),
                 "half": lambda: step_seconds(model, parts, batch // 2),
                 "back_to_back": lambda: all_reduce_seconds(flat), "after_step": after_step}
     rounds: dict[str, list[float]] = {key: [] for key in measures}
@@ -98,7 +104,7 @@ def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet5", choices=["lenet5", "lenet300"])
+    parser.add_argument("--model", default="lenet5", choices=list(BUILDERS))
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
 
@@ -118,15 +124,21 @@ def main() -> None:
     print(f"{args.model}, {measured['numel']:,} parameters, gloo, 2 processes of 1 thread, "
           f"torch {torch.__version__} (median of {ROUNDS} rounds of {STEPS}-repetition means)\n")
     print("| quantity | ms |\n| --- | --- |")
-    print(f"| t({batch}): one step at batch {batch} | {measured['full'] * ms:.2f} |")
-    print(f"| t({batch // 2}): one step at batch {batch // 2} | {measured['half'] * ms:.2f} |")
+    print(f"| t₁({batch}): one step at batch {batch}, the other process idle "
+          f"| {measured['alone'] * ms:.2f} |")
+    print(f"| t({batch}): one step at batch {batch}, both processes computing "
+          f"| {measured['full'] * ms:.2f} |")
+    print(f"| t({batch // 2}): one step at batch {batch // 2}, both processes computing "
+          f"| {measured['half'] * ms:.2f} |")
     print(f"| a: one gradient all-reduce, back to back | {measured['back_to_back'] * ms:.2f} |")
     print(f"| a: one gradient all-reduce, after a step | {measured['after_step'] * ms:.2f} |")
-    bound = measured["full"] / (measured["half"] + measured["after_step"])
-    no_comm = measured["full"] / measured["half"]
+    bound = measured["alone"] / (measured["half"] + measured["after_step"])
+    no_comm = measured["alone"] / measured["half"]
     print("\n| 2-worker strong scaling bound | value |\n| --- | --- |")
-    print(f"| no communication: t({batch}) / t({batch // 2}) | {no_comm:.2f}x |")
-    print(f"| all-reduce every step: t({batch}) / (t({batch // 2}) + a) | {bound:.2f}x |")
+    print(f"| two busy cores: t₁({batch}) / t({batch}) | {measured['alone'] / measured['full']:.2f}"
+          " (1 = no cost) |")
+    print(f"| no communication: t₁({batch}) / t({batch // 2}) | {no_comm:.2f}x |")
+    print(f"| all-reduce every step: t₁({batch}) / (t({batch // 2}) + a) | {bound:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ invocation:
   the global batch doubles, as when a user adds workers and keeps ``batch / worker``);
 - communication saved: ``--sync-every 8`` / ``--sync-every 1``, 2 workers.
 
-    .venv/bin/python benchmarks/train_throughput.py [--epochs 4] [--subset 30000] [--repeats 2]
+    .venv/bin/python benchmarks/train_throughput.py [--model lenet5] [--epochs 4] [--subset 30000]
+        [--repeats 2]
 
 ``benchmarks/allreduce_latency.py`` measures what bounds the strong scaling: the latency of one
-gradient all-reduce against the compute of one step.
+gradient all-reduce against the compute of one step. A larger model (``--model resnet20``, with
+a smaller ``--subset``) shows the scaling when a step's compute dwarfs that latency.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from distrib_rda.config import TrainConfig
 from distrib_rda.data import build_loaders, ensure_converted
-from distrib_rda.models import build_model
+from distrib_rda.models import BUILDERS, build_model
 from distrib_rda.training import run_training
 from distrib_rda.training.driver import WORKER_ENV
 from distrib_rda.training.dual_sync import LocalDualAveraging
@@ -75,6 +77,7 @@ def ray_run(cfg: TrainConfig, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lenet5", choices=list(BUILDERS))
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--subset", type=int, default=30000)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -83,7 +86,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     base = TrainConfig.build(
-        epochs=args.epochs, subset=args.subset, batch_size=args.batch_size, loader_workers=1,
+        model=args.model, epochs=args.epochs, subset=args.subset, batch_size=args.batch_size,
+        loader_workers=1,
         storage=work / "results", tracking_uri=f"sqlite:///{work}/mlflow.db",
         experiment="throughput", checkpoint_every=args.epochs,
     )
@@ -109,7 +113,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, "
           f"{torch.get_num_threads()} threads available, torch {torch.__version__}, "
           f"ray {ray.__version__}")
-    print(f"lenet5 on fashion-mnist, {args.subset} images, {args.epochs} epochs (median "
+    print(f"{args.model} on fashion-mnist, {args.subset} images, {args.epochs} epochs (median "
           f"samples/s of epochs 2..{args.epochs}, median of {args.repeats} rounds)\n")
     print("| run | samples/s |\n| --- | --- |")
     for label, rate in [
