@@ -7,7 +7,8 @@ time, in the same run:
   the other process idle, what 1 worker computes;
 - ``t(B)`` and ``t(B/2)``: the same with both processes computing at once, at the full and
   the half batch; ``t(B/2)`` is what each of 2 workers computes at global batch ``B``, and
-  ``t(B) / t₁(B)`` is what two busy cores cost each other (shared caches, memory, host);
+  ``t₁(B) / t(B)`` says what two busy cores cost each other (shared caches, memory, host;
+  1 when nothing);
 - ``a``: one all-reduce of the model's gradient (one flat tensor, as DDP's single bucket),
   back to back, and right after a step's compute, which is what DDP pays every step.
 

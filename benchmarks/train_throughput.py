@@ -87,8 +87,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     base = TrainConfig.build(
         model=args.model, epochs=args.epochs, subset=args.subset, batch_size=args.batch_size,
-        loader_workers=1,
-        storage=work / "results", tracking_uri=f"sqlite:///{work}/mlflow.db",
+        loader_workers=1, storage=work / "results", tracking_uri=f"sqlite:///{work}/mlflow.db",
         experiment="throughput", checkpoint_every=args.epochs,
     )
     ray.init(num_cpus=2, runtime_env={"env_vars": WORKER_ENV},
