@@ -85,7 +85,7 @@ def measure(args: argparse.Namespace, workers: int, work: Path) -> tuple[dict[st
         used: Counter[str] = Counter()
         per_worker: dict[int, list[float]] = {}
         for (pid, tid), (title, seconds) in after.items():
-            delta = seconds - before.get((pid, tid), (title, 0.0))[1]
+            delta = seconds - before.get((pid, tid), ("", 0.0))[1]  # a new thread: all of it
             kind = group(title, pid, driver.pid)
             if kind == "worker":
                 per_worker.setdefault(pid, []).append(delta)
