@@ -38,10 +38,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distrib_rda.config import TrainConfig
-from distrib_rda.models import BUILDERS, build_model
+from distrib_rda.models import MODELS, build_model
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import train_step
-from distrib_rda.training.optimizers import OptimizerParts, build_optimizer
+from distrib_rda.optim.parts import OptimizerParts
 
 STEPS = 40   # per round: a mean, so the slow tail counts
 ROUNDS = 5   # the quantities take turns; the median round is reported (the host is noisy)
@@ -77,7 +77,7 @@ def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = build_model(model_name, in_channels=1, image_size=28, num_classes=10)
-    parts = build_optimizer(TrainConfig.build(model=model_name), model, total_steps=10 * STEPS)
+    parts = TrainConfig.build(model=model_name).optim.build(model, total_steps=10 * STEPS)
     flat = torch.zeros(sum(p.numel() for p in model.parameters()))
 
     def after_step() -> float:
@@ -105,7 +105,7 @@ def worker(rank: int, store: str, model_name: str, batch: int, results) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet5", choices=list(BUILDERS))
+    parser.add_argument("--model", default="lenet5", choices=list(MODELS))
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from distrib_rda.models import BUILDERS
+from distrib_rda.models import MODELS
 
 GROUPS = ("training threads", "workers' other threads", "other Ray actors", "Ray services",
           "driver", "this sampler", "other")
@@ -105,7 +105,7 @@ def measure(args: argparse.Namespace, workers: int, work: Path) -> tuple[dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet20", choices=list(BUILDERS))
+    parser.add_argument("--model", default="resnet20", choices=list(MODELS))
     parser.add_argument("--subset", type=int, default=8192)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -35,12 +35,11 @@ from mlflow.tracking import MlflowClient
 
 from distrib_rda.config import TrainConfig
 from distrib_rda.data import build_loaders, ensure_converted
-from distrib_rda.models import BUILDERS, build_model
+from distrib_rda.models import MODELS, build_model
 from distrib_rda.training import run_training
 from distrib_rda.training.driver import WORKER_ENV
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import train_step
-from distrib_rda.training.optimizers import build_optimizer
 
 
 def plain_loop(cfg: TrainConfig) -> float:
@@ -54,7 +53,7 @@ def plain_loop(cfg: TrainConfig) -> float:
     height, _, channels = loaders.meta.shape
     model = build_model(cfg.model, in_channels=channels, image_size=height,
                         num_classes=len(loaders.meta.classes))
-    parts = build_optimizer(cfg, model, total_steps=len(loaders.train) * cfg.epochs)
+    parts = cfg.optim.build(model, total_steps=len(loaders.train) * cfg.epochs)
     dual = LocalDualAveraging(parts.optimizer, every=1)
     rates, step = [], 0
     for _ in range(cfg.epochs):
@@ -77,7 +76,7 @@ def ray_run(cfg: TrainConfig, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet5", choices=list(BUILDERS))
+    parser.add_argument("--model", default="lenet5", choices=list(MODELS))
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--subset", type=int, default=30000)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from distrib_rda.config import ConfigError, TrainConfig, flag_name, load_yaml
+from pydantic.fields import FieldInfo
+
+from distrib_rda.config import ConfigError, TrainConfig, config_fields, flag_name, load_yaml
 from distrib_rda.errors import UserError
+from distrib_rda.optimizers import OPTIMIZERS
 
 
 def _parse_epochs(text: str) -> list[int]:
@@ -40,29 +44,92 @@ def _parse_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _base_type(annotation: Any) -> Any:
+    """``int`` for ``Annotated[int, ...] | None``, and so on."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _base_type(args[0])
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _base_type(args[0])
+    return annotation
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+# What a person would write after the flag, where the key's own name does not say it.
+METAVARS = {"model": "SPEC", "dataset": "NAME", "optimizer": "NAME", "experiment": "NAME",
+            "name": "NAME", "register": "NAME", "address": "HOST:PORT", "tracking_uri": "URI",
+            "target_sparsity": "S", "init_scale": "X", "lambda_": "LAMBDA", "data_root": "DIR",
+            "cache_dir": "DIR", "storage": "DIR"}
+
+
+def _range(field: FieldInfo) -> str:
+    """``">= 0, < 1"`` from a field's constraints."""
+    parts = []
+    for item in field.metadata:
+        for attribute, symbol in _BOUNDS:
+            value = getattr(item, attribute, None)
+            if value is not None:
+                parts.append(f"{symbol} {value:g}" if isinstance(value, float) else
+                             f"{symbol} {value:,}")
+    return ", ".join(parts)
+
+
+def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "none"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _help(key: str, owners: list[tuple[str | None, FieldInfo]]) -> str:
+    """The description, then the default(s) and range: ``[rda, gmp] ... (default: ...)``."""
+    field = owners[0][1]
+    text = field.description or key.replace("_", " ")
+    if owners[0][0] is None:
+        facts = [f"default: {_default(field)}"]
+    else:
+        text = f"[{', '.join(name for name, _ in owners)}] {text}"
+        defaults = {name: _default(f) for name, f in owners}
+        if len(set(defaults.values())) == 1:
+            facts = [f"default: {next(iter(defaults.values()))}"]
+        else:
+            facts = ["default: " + "; ".join(f"{name} {value}" for name, value in
+                                              defaults.items())]
+    if _range(field):
+        facts.append(_range(field))
+    return f"{text} ({'; '.join(facts)})".replace("%", "%%")
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TrainConfig` key. Unset flags stay ``None`` (= keep the default)."""
-    group = parser.add_argument_group("training config (also YAML keys)")
-    for key, field in TrainConfig.model_fields.items():
-        annotation = field.annotation
-        args = typing.get_args(annotation)
-        help_text = field.description or ""
-        if annotation is bool or (bool in args and key == "augment"):
-            group.add_argument(
-                flag_name(key), dest=key, action=argparse.BooleanOptionalAction, default=None,
-                help=help_text,
-            )
+    """One flag per config key (common and every optimizer's), with its default and range.
+    Unset flags stay ``None`` (= keep the default)."""
+    group = parser.add_argument_group(
+        "training config (also YAML keys; [names] mark an optimizer's own keys)")
+    for key, owners in config_fields().items():
+        field = owners[0][1]
+        kind = _base_type(field.annotation)
+        kwargs: dict[str, Any] = {"dest": key, "default": None, "help": _help(key, owners),
+                                  "metavar": METAVARS.get(key, key.upper())}
+        if kind is bool:
+            del kwargs["metavar"]
+            group.add_argument(flag_name(key), action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs: dict[str, Any] = {"dest": key, "default": None, "help": help_text}
         if key == "restart":
-            kwargs["type"] = _parse_epochs
-            kwargs["metavar"] = "EPOCHS"
-        elif typing.get_origin(annotation) is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif annotation is float or float in args:
-            kwargs["type"] = _parse_float
-        elif annotation is int or int in args:
-            kwargs["type"] = _parse_int
+            kwargs.update(type=_parse_epochs, metavar="EPOCHS")
+        elif typing.get_origin(kind) is tuple:
+            kwargs.update(type=_parse_float, nargs=2, metavar=("START", "END"))
+        elif typing.get_origin(kind) is typing.Literal:
+            kwargs.update(choices=list(typing.get_args(kind)), metavar=None)
+        elif key == "optimizer":
+            kwargs.update(choices=list(OPTIMIZERS))
+        elif kind is float:
+            kwargs.update(type=_parse_float)
+        elif kind is int:
+            kwargs.update(type=_parse_int, metavar="N")
+        elif kind is Path:
+            kwargs.update(type=Path)
         group.add_argument(flag_name(key), **kwargs)
 
 
@@ -77,17 +144,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys that were given as flags."""
-    return {
-        key: getattr(args, key)
-        for key in TrainConfig.model_fields
-        if getattr(args, key, None) is not None
-    }
+    return {key: getattr(args, key) for key in config_fields()
+            if getattr(args, key, None) is not None}
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)  # before torch, Ray and MLflow are imported: a typo is quick
     from distrib_rda.training import run_training
 
-    run_training(config_from_args(args), json_output=args.json)
+    run_training(cfg, json_output=args.json)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -98,10 +163,13 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
-    from distrib_rda.search import run_search
+    from distrib_rda.search.space import load_space
 
-    run_search(args.space, trials=args.trials, max_concurrent=args.max_concurrent,
-               resume=args.resume, overrides=config_overrides(args))
+    spec = load_space(args.space, overrides=config_overrides(args), trials=args.trials,
+                      max_concurrent=args.max_concurrent)  # before Ray: a typo is quick
+    from distrib_rda.search.tune import run_search
+
+    run_search(spec, resume=args.resume)
 
 
 def _cmd_pareto(args: argparse.Namespace) -> None:

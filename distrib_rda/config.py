@@ -1,154 +1,177 @@
-"""The one configuration schema, shared by the command line, YAML files and search spaces.
+"""The one configuration schema, shared by the command line, YAML files, search spaces and the
+Python API.
 
-Every key of :class:`TrainConfig` is a ``distrib-rda train`` flag (``batch_size`` is
-``--batch-size``) and a key of a YAML file given with ``--config`` or inside a ``tune/`` space.
+A config is written flat, as flags and YAML keys: ``batch_size`` is ``--batch-size``, and the
+keys of the chosen optimizer sit beside the others (``optimizer: rda``, ``target_sparsity:
+0.95``). :class:`TrainConfig` keeps those optimizer keys in their own section,
+``cfg.optim`` (:mod:`distrib_rda.optimizers`), so a key of another optimizer is refused, naming
+the optimizers it belongs to, and a run records only what applies to it
+(:meth:`TrainConfig.params`). Model, dataset and optimizer names come from their registries.
+
 A bad key or value raises :class:`ConfigError`, whose message names the key and what is allowed.
+Importing this module is cheap (no torch, Ray or MLflow), so a typo is refused at once.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import re
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
+from distrib_rda.data.sources import DATASETS, check_dataset_name
 from distrib_rda.errors import UserError
+from distrib_rda.models import MODELS, check_spec
+from distrib_rda.optimizers import OPTIMIZERS, Integer, Number, OptimizerSettings, Switch
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
-MODELS = ("lenet5", "lenet300", "vgg16", "resnet18", "resnet20")
-OPTIMIZERS = ("rda", "sgd", "prox-sgd", "gmp")
+DEFAULT_OPTIMIZER = OPTIMIZERS.default
+# Keys that say where and how a run ran, not what it is: tags or nothing in MLflow, and free to
+# change when a run is resumed.
+PLACEMENT_KEYS = ("address", "storage", "cache_dir", "tracking_uri", "data_root", "download",
+                  "loader_workers", "checkpoint_every", "max_failures", "name", "experiment",
+                  "register")
+ALIASES = {"lambda": "lambda_"}
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# The key `register` (--register NAME) has the name of ABCMeta.register, which no config uses.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class ConfigError(UserError, ValueError):
     """A configuration key or value that is not allowed; the message says which and why."""
 
 
-class TrainConfig(BaseModel):
-    """Everything that defines one training run."""
+def _plain_name(value: str | None) -> str | None:
+    if value is not None and (not _PLAIN_NAME.match(value) or ".." in value):
+        raise ValueError("must be a plain name: letters, digits and . _ + -, starting with a "
+                         "letter or digit; no '/', no '..', not empty")
+    return value
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+PlainName = Annotated[str | None, Field(max_length=200)]
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines one training run, and where it runs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # data
-    dataset: str = Field(
-        "fashion-mnist",
-        description=f"one of {', '.join(DATASETS)}, or imagefolder:PATH",
-    )
+    dataset: str = Field(DATASETS.default, description=f"one of {DATASETS.allowed()}")
     data_root: Path | None = Field(None, description="where torchvision-layout datasets live")
-    download: bool = Field(False, description="let torchvision download a missing dataset")
-    cache_dir: Path = Field(
-        Path("~/.cache/distrib-rda"), description="where converted .beton files are kept"
-    )
-    subset: int | None = Field(None, ge=1, description="train on the first N training images")
-    augment: bool | None = Field(
-        None, description="crop+flip augmentation; default: on for 32x32 colour data only"
-    )
-    loader_workers: int = Field(2, ge=1, le=64, description="FFCV loader threads per worker")
+    download: Switch = Field(False, description="let torchvision download a missing dataset")
+    cache_dir: Path = Field(Path("~/.cache/distrib-rda"),
+                            description="where converted .beton files are kept")
+    subset: Integer | None = Field(None, ge=1, description="train on the first N training images")
+    augment: Switch | None = Field(
+        None, description="crop+flip augmentation; default: on for 32x32 colour data only")
+    loader_workers: Integer = Field(2, ge=1, le=64, description="FFCV loader threads per worker")
 
     # model
-    model: Literal["lenet5", "lenet300", "vgg16", "resnet18", "resnet20"] = "lenet5"
-    init_scale: float = Field(
-        1.0, gt=0, description="multiplies the default init of conv and linear weights"
-    )
+    model: str = Field(MODELS.default, description=f"one of {MODELS.allowed()}")
+    init_scale: Number = Field(
+        1.0, gt=0, le=1000, description="multiplies the default init of conv and linear weights")
 
-    # optimizer
-    optimizer: Literal["rda", "sgd", "prox-sgd", "gmp"] = "rda"
-    lambda_: float = Field(
-        8e-4,
-        ge=0,
-        validation_alias=AliasChoices("lambda_", "lambda"),
-        description="l1 strength on conv and linear weights",
-    )
-    gamma: float = Field(0.15, gt=0, description="RDA: beta_t = gamma*(t + warmup)^power")
-    warmup: float = Field(
-        1000.0, ge=0, description="RDA: t_w in beta_t = gamma*(t + t_w)^power; caps the first steps"
-    )
-    power: float = Field(0.5, ge=0, le=1, description="RDA: p in beta_t = gamma*(t + t_w)^p")
-    adaptive: bool = Field(False, description="RDA: diagonal AdaGrad beta_t")
-    eps: float = Field(1e-8, gt=0, description="RDA: added to the AdaGrad denominator")
-    center: Literal["init", "zero"] = Field("init", description="RDA: prox centre")
-    fused: bool = Field(
-        False, description="RDA: one compiled kernel per tensor (torch.compile, at the first step)"
-    )
-    restart: list[int] = Field(default_factory=list, description="RDA: epochs to re-centre at")
-    lr: float = Field(0.05, gt=0, description="SGD, prox-SGD, GMP: peak learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD, prox-SGD, GMP: momentum")
-    target_sparsity: float | None = Field(
-        None, ge=0, lt=1, description="GMP: the final fraction of zeros (required). RDA: at the "
-        "end of the RDA epochs, raise the l1 threshold until this fraction of the conv and linear "
-        "weights is zero, then fine-tune (needs finetune_epochs)"
-    )
-    finetune_epochs: int = Field(
-        0, ge=0, description="after `epochs`, train the surviving weights with the mask fixed "
-        "(SGD, lr, momentum, cosine) for this many more epochs"
-    )
+    # optimizer: the name here, its keys in `optim`
+    optimizer: str = Field(DEFAULT_OPTIMIZER, description=f"one of {OPTIMIZERS.allowed()}; "
+                           "its own keys are marked [name] below")
+    optim: SerializeAsAny[OptimizerSettings] = Field(
+        default_factory=lambda: OPTIMIZERS[DEFAULT_OPTIMIZER](), exclude=True)
 
     # run
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1, description="global batch, split over the workers")
-    workers: int = Field(2, ge=1, description="DDP workers (one per device)")
-    gpu: bool = Field(False, description="one GPU per worker, NCCL")
-    sync_every: int = Field(1, ge=1, description="H: all-reduce the dual state every H steps")
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts allowed (-1: forever)")
+    epochs: Integer = Field(10, ge=1, le=10_000,
+                            description="epochs of the optimizer (then finetune_epochs, if any)")
+    batch_size: Integer = Field(128, ge=1, le=1 << 20,
+                                description="global batch, split over the workers")
+    workers: Integer = Field(2, ge=1, le=4096, description="DDP workers (one per device)")
+    gpu: Switch = Field(False, description="one GPU per worker, NCCL")
+    sync_every: Integer = Field(1, ge=1, le=1_000_000,
+                                description="H: all-reduce the dual state every H steps")
+    seed: Integer = Field(0, ge=0, lt=2**32)
+    checkpoint_every: Integer = Field(1, ge=1, le=10_000, description="epochs between checkpoints")
+    max_failures: Integer = Field(0, ge=-1, le=1_000_000,
+                                  description="worker-group restarts allowed (-1: forever)")
 
     # where
     address: str | None = Field(
-        None, description="Ray cluster address; default: RAY_ADDRESS, else a local instance"
-    )
-    experiment: str = Field("distrib-rda", description="MLflow experiment")
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+        None, description="Ray cluster address; default: RAY_ADDRESS, else a local instance")
+    experiment: str = Field("distrib-rda", min_length=1, max_length=200,
+                            description="MLflow experiment")
+    tracking_uri: str = Field("sqlite:///mlflow.db", min_length=1,
+                              description="MLflow tracking URI")
     storage: Path = Field(Path("results"), description="Ray Train storage path for checkpoints")
-    name: str | None = Field(None, description="run name; the same name resumes the run")
-
-    @field_validator("lambda_", "gamma", "eps", "init_scale", "lr", "warmup")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+    name: PlainName = Field(None, description="run name; the same name resumes the run")
+    register: PlainName = Field(
+        None, description="add the final model to the MLflow Model Registry under this name")
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value in DATASETS or (value.startswith("imagefolder:") and len(value) > 12):
-            return value
-        raise ValueError(f"must be one of {', '.join(DATASETS)}, or imagefolder:PATH")
+        return check_dataset_name(value)
 
-    @field_validator("restart")
+    @field_validator("model")
     @classmethod
-    def _restart_epochs(cls, value: list[int]) -> list[int]:
-        if any(epoch < 1 for epoch in value) or sorted(set(value)) != list(value):
-            raise ValueError("must be increasing epoch numbers >= 1")
+    def _model_spec(cls, value: str) -> str:
+        try:
+            return check_spec(value)
+        except UserError as error:
+            raise ValueError(str(error).split(": ", 1)[-1]) from None
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(f"must be one of {OPTIMIZERS.allowed()}")
         return value
+
+    @field_validator("name", "register")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return _plain_name(value)
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str) -> str:
+        if not value.strip() or "/" in value or any(ord(c) < 32 for c in value):
+            raise ValueError("must be a non-empty name without '/' or control characters")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section(cls, data: Any) -> Any:
+        """Flat keys in, the optimizer's keys moved into ``optim`` (see :meth:`build`)."""
+        if not isinstance(data, dict) or isinstance(data.get("optim"), OptimizerSettings):
+            return data
+        common, section, refused = split_keys(data)
+        if refused:
+            raise ValueError("; ".join(refused))
+        name = common.get("optimizer", DEFAULT_OPTIMIZER)
+        if name in OPTIMIZERS:
+            common["optim"] = OPTIMIZERS[name].model_validate(section)
+        return common
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.sync_every > 1 and self.optimizer != "rda":
+        if type(self.optim) is not OPTIMIZERS[self.optimizer]:
+            raise ValueError(f"optim holds the settings of another optimizer than "
+                             f"{self.optimizer}")
+        if any(epoch > self.epochs for epoch in getattr(self.optim, "restart", ())):
+            raise ValueError(f"restart epochs must be within the {self.epochs} epochs of the "
+                             "optimizer (not in the fine-tune)")
+        if self.sync_every > 1 and not self.optim.dual_averaging:
             raise ValueError("sync_every > 1 (local dual averaging) needs optimizer: rda")
-        if self.restart and self.center == "zero":
-            raise ValueError("restart re-centres at w; it needs center: init (a zero centre "
-                             "with G reset to 0 would collapse the weights)")
-        if self.optimizer == "gmp" and self.target_sparsity is None:
-            raise ValueError("optimizer gmp needs target_sparsity (--target-sparsity), the final "
-                             "fraction of zeros in [0, 1), e.g. 0.9")
-        if self.target_sparsity is not None and self.optimizer not in ("gmp", "rda"):
-            raise ValueError(f"target_sparsity (--target-sparsity) applies to optimizer gmp "
-                             f"or rda, not {self.optimizer}")
-        if (self.optimizer == "rda" and self.target_sparsity is not None
-                and self.finetune_epochs == 0):
-            raise ValueError("target_sparsity with optimizer rda prunes before the fine-tune; "
-                             "it needs finetune_epochs >= 1 (--finetune-epochs)")
         if self.batch_size < self.workers:
             raise ValueError(f"batch_size {self.batch_size} is smaller than workers "
                              f"{self.workers}; it is the global batch, split over the workers")
@@ -158,17 +181,112 @@ class TrainConfig(BaseModel):
     def per_worker_batch_size(self) -> int:
         return max(1, self.batch_size // self.workers)
 
+    @property
+    def finetune_epochs(self) -> int:
+        """Epochs of fixed-mask training after the optimizer's ``epochs`` (RDA only)."""
+        return getattr(self.optim, "finetune_epochs", 0)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
     @classmethod
     def build(cls, **values: Any) -> TrainConfig:
-        """Validate ``values``, raising :class:`ConfigError` with every bad key named."""
+        """Validate flat ``values``, raising :class:`ConfigError` with every bad key named."""
+        common, section, problems = split_keys(values)
+        name = common.get("optimizer", DEFAULT_OPTIMIZER)
+        optim = None
+        if isinstance(name, str) and name in OPTIMIZERS:
+            try:
+                optim = OPTIMIZERS[name].model_validate(section)
+            except ValidationError as error:
+                problems += format_errors(error)
         try:
-            return cls.model_validate(values)
+            if optim is not None and not problems:
+                return cls.model_validate({**common, "optim": optim})
+            # Name every problem at once: the other keys are checked beside a stand-in section.
+            stand_in = OPTIMIZERS[DEFAULT_OPTIMIZER]()
+            cls.model_validate({**common, "optimizer": DEFAULT_OPTIMIZER, "optim": stand_in})
         except ValidationError as error:
-            raise ConfigError(format_validation_error(error, cls)) from None
+            problems += format_errors(error)
+        if optim is None and not (isinstance(name, str) and name in OPTIMIZERS):
+            problems.insert(0, f"optimizer (--optimizer): must be one of {OPTIMIZERS.allowed()} "
+                               f"(got {name!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat config, JSON-compatible: what :meth:`build` takes back."""
+        values = self.model_dump(mode="json")
+        position = list(values).index("optimizer") + 1
+        items = list(values.items())
+        section = self.optim.model_dump(mode="json")
+        return dict(items[:position] + list(section.items()) + items[position:])
+
+    def params(self) -> dict[str, str]:
+        """What defines the run, as MLflow params: every key but :data:`PLACEMENT_KEYS`, the
+        optimizer's own keys only."""
+        return {key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+                for key, value in self.to_dict().items() if key not in PLACEMENT_KEYS}
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with ``changes`` applied."""
-        return TrainConfig.build(**{**self.model_dump(), **changes})
+        """A validated copy with ``changes`` applied (flat keys). Changing the optimizer drops
+        the old optimizer's keys."""
+        values = self.to_dict()
+        if "optimizer" in changes and changes["optimizer"] != self.optimizer:
+            values = {key: value for key, value in values.items()
+                      if key not in type(self.optim).model_fields}
+        return TrainConfig.build(**{**values, **changes})
+
+
+def optimizer_keys() -> dict[str, list[str]]:
+    """Every optimizer key, with the optimizers it belongs to, in registration order."""
+    owners: dict[str, list[str]] = {}
+    for name in OPTIMIZERS:
+        for key in OPTIMIZERS[name].model_fields:
+            owners.setdefault(key, []).append(name)
+    return owners
+
+
+def config_fields() -> dict[str, list[tuple[str | None, FieldInfo]]]:
+    """Every flat key: the common ones with ``(None, field)``, each optimizer key with one
+    ``(optimizer, field)`` per optimizer that has it. For flags, help and search spaces."""
+    fields: dict[str, list[tuple[str | None, FieldInfo]]] = {}
+    for key, field in TrainConfig.model_fields.items():
+        if key == "optimizer":
+            fields[key] = [(None, field)]
+            for name in OPTIMIZERS:
+                for section_key, section_field in OPTIMIZERS[name].model_fields.items():
+                    fields.setdefault(section_key, []).append((name, section_field))
+        elif key != "optim":
+            fields[key] = [(None, field)]
+    return fields
+
+
+def split_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Flat values as ``(common keys, the chosen optimizer's keys, problems)``: a key of another
+    optimizer is a problem that names the optimizers it belongs to."""
+    values = dict(values)
+    problems: list[str] = []
+    for alias, key in ALIASES.items():
+        if alias in values:
+            if key in values:
+                problems.append(f"{key} ({flag_name(key)}): given twice, as {alias} and {key}; "
+                                "they are one key")
+            values[key] = values.pop(alias)
+    name = values.get("optimizer", DEFAULT_OPTIMIZER)
+    mine = OPTIMIZERS[name].model_fields if isinstance(name, str) and name in OPTIMIZERS else {}
+    owners = optimizer_keys()
+    common, section = {}, {}
+    for key, value in values.items():
+        if key in mine:
+            section[key] = value
+        elif key in owners and key not in TrainConfig.model_fields:
+            if mine:
+                problems.append(f"{key} ({flag_name(key)}): applies to optimizer "
+                                f"{', '.join(owners[key])}, not {name}")
+        else:
+            common[key] = value
+    return common, section, problems
 
 
 def flag_name(key: str) -> str:
@@ -176,8 +294,29 @@ def flag_name(key: str) -> str:
     return "--lambda" if key in ("lambda_", "lambda") else "--" + key.replace("_", "-")
 
 
-def format_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
+def format_errors(error: ValidationError) -> list[str]:
     """One line per bad key: ``key (--flag): message (got value)``."""
+    known = set(config_fields())
+    lines = []
+    for item in error.errors():
+        parts = [str(part) for part in item["loc"] if not isinstance(part, int)]
+        key = parts[0] if parts else ""
+        message = item["msg"].removeprefix("Value error, ")
+        if not key:
+            lines.append(message)
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (known keys: {', '.join(sorted(known))})")
+        elif item["type"] == "missing":
+            lines.append(f"{key} ({flag_name(key)}): required, it has no default")
+        else:
+            where = f"{key} ({flag_name(key)})" if key in known else key
+            lines.append(f"{where}: {message} (got {item.get('input')!r})")
+    return lines
+
+
+def format_validation_error(error: ValidationError, schema: type[BaseModel]) -> str:
+    """``error`` as the one message of :class:`ConfigError` (for schemas other than
+    :class:`TrainConfig`, such as a search-space file)."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
@@ -188,19 +327,44 @@ def format_validation_error(error: ValidationError, schema: type[BaseModel]) -> 
             known = ", ".join(sorted(schema.model_fields))
             lines.append(f"{key}: unknown key (known keys: {known})")
         else:
-            where = f"{key} ({flag_name(key)})" if key in schema.model_fields or key == "lambda" \
-                else key
-            lines.append(f"{where}: {message} (got {item.get('input')!r})")
+            lines.append(f"{key}: {message} (got {item.get('input')!r})")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {seen[key]} and "
+                f"{key_node.start_mark.line + 1}); give it once", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_mapping)
+
+
+def load_yaml(path: Path | str, *, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file: missing, unreadable, binary,
+    malformed, a duplicate key, or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such {what}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML {what} is UTF-8 text)") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if data is None:
@@ -208,3 +372,25 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of config keys, not {type(data).__name__}")
     return data
+
+
+def as_config(config: TrainConfig | dict[str, Any] | str | Path | None = None,
+              **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a config, a dict of flat keys or a YAML file, with
+    ``overrides`` applied: the Python API's way in."""
+    if config is None:
+        values: dict[str, Any] = {}
+    elif isinstance(config, TrainConfig):
+        values = config.to_dict()
+    elif isinstance(config, dict):
+        values = dict(config)
+    elif isinstance(config, (str, Path)):
+        values = load_yaml(config)
+    else:
+        raise ConfigError(f"config must be a TrainConfig, a dict or a YAML path, not "
+                          f"{type(config).__name__}")
+    return TrainConfig.build(**{**values, **overrides})
+
+
+__all__ = ["ConfigError", "TrainConfig", "as_config", "config_fields", "flag_name",
+           "format_validation_error", "load_yaml", "optimizer_keys", "split_keys"]

@@ -24,7 +24,7 @@ from distrib_rda.training import checkpoint, run_training
 from distrib_rda.training.driver import TrainingError
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import NonFiniteError, train_step
-from distrib_rda.training.optimizers import OptimizerParts
+from distrib_rda.optim.parts import OptimizerParts
 
 
 def config(tmp_path, beton_cache, tracking_uri, **changes) -> TrainConfig:

@@ -6,9 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from distrib_rda.config import MODELS
 from distrib_rda.errors import UserError
-from distrib_rda.models import MODEL_NAMES, build_model
+from distrib_rda.models import MODELS, build_model
 
 SHAPES = [(1, 28, 10), (3, 32, 10), (3, 32, 100)]
 
@@ -17,7 +16,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize(("channels", "size", "classes"), SHAPES)
 def test_output_shape(name, channels, size, classes):
     model = build_model(name, in_channels=channels, image_size=size, num_classes=classes)
@@ -31,6 +30,7 @@ def test_output_shape(name, channels, size, classes):
 @pytest.mark.parametrize(("name", "channels", "size", "expected"), [
     ("lenet5", 1, 28, 61_706),        # LeCun's 400-120-84 head: 28x28 is padded to 32x32
     ("lenet5", 3, 32, 62_006),
+    ("lenet5-caffe", 1, 28, 431_080),  # 430,500 conv and linear weights, 580 biases
     ("lenet300", 1, 28, 266_610),
     ("resnet18", 3, 32, 11_173_962),  # torchvision ResNet-18 with a 3x3 stem
     ("resnet20", 3, 32, 272_474),     # option B shortcuts (option A would be 269,722)
@@ -48,8 +48,11 @@ def test_resnet18_is_the_cifar_variant():
     assert [len(stage) for stage in model.layers] == [2, 2, 2, 2]
 
 
-def test_model_names_match_the_config_schema():
-    assert MODEL_NAMES == MODELS
+def test_lenet5_caffe_has_the_literature_weight_count():
+    from distrib_rda.sparsity import num_prunable
+
+    model = build_model("lenet5-caffe", in_channels=1, image_size=28, num_classes=10)
+    assert num_prunable(model) == 430_500
 
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
@@ -73,5 +76,6 @@ def test_init_scale_multiplies_conv_and_linear_weights(name):
 
 @pytest.mark.parametrize("name", ["resnet50", "", "LeNet5"])
 def test_unknown_model_is_refused_with_the_allowed_names(name):
-    with pytest.raises(UserError, match="allowed: lenet5, lenet300, vgg16, resnet18, resnet20"):
+    with pytest.raises(UserError, match="allowed: lenet5, lenet5-caffe, lenet300, vgg16, resnet18, "
+                                        "resnet20, torchvision:NAME or package.module:factory"):
         build_model(name, in_channels=1, image_size=28, num_classes=10)

@@ -34,9 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from distrib_rda.data.meta import DataSourceError
+from distrib_rda.registry import Registry
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
 IMAGEFOLDER = "imagefolder:"
+# name -> locate(name, root, download) -> Source; "imagefolder:PATH" is accepted besides them.
+DATASETS: Registry[Callable[[str, Path | None, bool], Source]] = Registry(
+    "dataset", extra=IMAGEFOLDER + "PATH")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 IDX_STEMS = (
@@ -59,6 +62,7 @@ CIFAR = {
         "labels": "labels",
         "archive": "cifar-10-python.tar.gz",
         "torchvision": "CIFAR10",
+        "summary": "32x32 colour images, 10 classes; torchvision's layout",
     },
     "cifar100": {
         "folder": "cifar-100-python",
@@ -68,6 +72,7 @@ CIFAR = {
         "labels": "fine_labels",
         "archive": "cifar-100-python.tar.gz",
         "torchvision": "CIFAR100",
+        "summary": "32x32 colour images, 100 classes; torchvision's layout",
     },
 }
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -100,24 +105,23 @@ class Source:
         return arrays
 
 
-def allowed_datasets() -> str:
-    return ", ".join(DATASETS) + ", or imagefolder:PATH"
-
-
 def resolve_source(
     dataset: str, *, data_root: str | Path | None = None, download: bool = False
 ) -> Source:
     """Locate ``dataset``'s files, downloading them with torchvision if ``download`` and missing."""
     root = Path(data_root).expanduser().resolve() if data_root is not None else None
-    if dataset == "fashion-mnist":
-        return _fashion_mnist(root, download)
-    if dataset == "mnist":
-        return _mnist(root, download)
-    if dataset in CIFAR:
-        return _cifar(dataset, root, download)
     if dataset.startswith(IMAGEFOLDER) and len(dataset) > len(IMAGEFOLDER):
         return _imagefolder(Path(dataset[len(IMAGEFOLDER):]).expanduser().resolve())
-    raise DataSourceError(f"unknown dataset {dataset!r}: allowed are {allowed_datasets()}")
+    if dataset not in DATASETS:
+        raise DataSourceError(f"unknown dataset {dataset!r}: allowed are {DATASETS.allowed()}")
+    return DATASETS[dataset](dataset, root, download)
+
+
+def check_dataset_name(dataset: str) -> str:
+    """``dataset`` if it is a registered name or ``imagefolder:PATH``; nothing is read."""
+    if dataset in DATASETS or (dataset.startswith(IMAGEFOLDER) and len(dataset) > len(IMAGEFOLDER)):
+        return dataset
+    raise ValueError(f"must be one of {DATASETS.allowed()}")
 
 
 # --------------------------------------------------------------------------- MNIST family
@@ -162,18 +166,20 @@ def _torchvision_download(dataset: str, class_name: str, root: Path, **kwargs) -
         ) from None
 
 
-def _fashion_mnist(root: Path | None, download: bool) -> Source:
+@DATASETS.register("fashion-mnist", "Zalando's 28x28 grey clothes, 10 classes; Debian's "
+                   "dataset-fashion-mnist or torchvision's layout", default=True)
+def _fashion_mnist(name: str, root: Path | None, download: bool) -> Source:
     folders = ([root / "FashionMNIST" / "raw"] if root else []) + [DEBIAN_FASHION_MNIST]
     for folder in folders:
         files, missing = _idx_files(folder)
         if not missing:
             kind = "Debian dataset-fashion-mnist" if folder == DEBIAN_FASHION_MNIST else \
                 "torchvision layout"
-            return _idx_source("fashion-mnist", folder, files, FASHION_CLASSES,
-                               f"fashion-mnist from {folder} ({kind})")
+            return _idx_source(name, folder, files, FASHION_CLASSES,
+                               f"{name} from {folder} ({kind})")
     if download and root is not None:
-        _torchvision_download("fashion-mnist", "FashionMNIST", root)
-        return _fashion_mnist(root, download=False)
+        _torchvision_download(name, "FashionMNIST", root)
+        return _fashion_mnist(name, root, download=False)
     names = ", ".join(f"{stem}[.gz]" for stem in IDX_STEMS)
     where = " and ".join(str(folder) for folder in folders)
     hint = (
@@ -185,29 +191,30 @@ def _fashion_mnist(root: Path | None, download: bool) -> Source:
     if download:
         hint = "--download needs --data-root DIR (where torchvision puts the files). " + hint
     raise DataSourceError(
-        f"fashion-mnist: no complete copy found. Looked for {names} in {where}. {hint}"
+        f"{name}: no complete copy found. Looked for {names} in {where}. {hint}"
     )
 
 
-def _mnist(root: Path | None, download: bool) -> Source:
+@DATASETS.register("mnist", "28x28 grey digits, 10 classes; torchvision's layout")
+def _mnist(name: str, root: Path | None, download: bool) -> Source:
     names = ", ".join(f"{stem}[.gz]" for stem in IDX_STEMS)
     if root is None:
         raise DataSourceError(
-            f"mnist needs --data-root DIR holding torchvision's layout DIR/MNIST/raw/ with "
+            f"{name} needs --data-root DIR holding torchvision's layout DIR/MNIST/raw/ with "
             f"{names}; add --download to let torchvision fetch them there."
         )
     folder = root / "MNIST" / "raw"
     files, missing = _idx_files(folder)
     if missing and download:
-        _torchvision_download("mnist", "MNIST", root)
+        _torchvision_download(name, "MNIST", root)
         files, missing = _idx_files(folder)
     if missing:
         raise DataSourceError(
-            f"mnist: missing {', '.join(missing)} (or .gz) in {folder}. torchvision's layout is "
+            f"{name}: missing {', '.join(missing)} (or .gz) in {folder}. torchvision's layout is "
             f"DATA_ROOT/MNIST/raw/ with {names}; add --download to let torchvision fetch them "
             "into --data-root."
         )
-    return _idx_source("mnist", folder, files, MNIST_CLASSES, f"mnist from {folder}")
+    return _idx_source(name, folder, files, MNIST_CLASSES, f"{name} from {folder}")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -249,6 +256,7 @@ def _check_idx_labels(path: Path, labels: np.ndarray, images: np.ndarray) -> np.
 
 
 def _cifar(dataset: str, root: Path | None, download: bool) -> Source:
+    """CIFAR-10 or CIFAR-100 (``CIFAR[dataset]``) in torchvision's layout under ``root``."""
     spec = CIFAR[dataset]
     names = [*spec["train"], *spec["test"], spec["meta"][0]]
     layout = f"DATA_ROOT/{spec['folder']}/ with {', '.join(names)}"
@@ -288,6 +296,10 @@ def _cifar(dataset: str, root: Path | None, download: bool) -> Source:
         )
 
     return Source(dataset, f"{dataset} from {folder}", tuple(files), read)
+
+
+for _name, _spec in CIFAR.items():
+    DATASETS.register(_name, _spec["summary"])(_cifar)
 
 
 def _unpickle(path: Path) -> dict:

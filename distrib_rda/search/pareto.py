@@ -48,19 +48,31 @@ def staircase(xs: Sequence[float], ys: Sequence[float], modes: Sequence[str]):
     return sx, sy, where
 
 
-def _log10_lambda(value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return math.log10(value) if value > 0 else math.nan
+def _colour_values(knobs: list[tuple[str, float] | None]) -> tuple[list[float], str]:
+    """The colour of each point and the colour bar's label: log10(lambda) when lambda drives
+    the runs, the target sparsity when a target does (the most common knob wins; points with
+    another knob, or none, are grey)."""
+    keys = [knob[0] for knob in knobs if knob is not None]
+    if not keys:
+        return [math.nan] * len(knobs), ""
+    key = max(set(keys), key=keys.count)
+    values = []
+    for knob in knobs:
+        if knob is None or knob[0] != key:
+            values.append(math.nan)
+        elif key == "lambda_":
+            values.append(math.log10(knob[1]) if knob[1] > 0 else math.nan)
+        else:
+            values.append(knob[1])
+    return values, (r"$\log_{10}\,\lambda$" if key == "lambda_" else "target sparsity")
 
 
 def plot_search(points: list[dict[str, Any]], front: list[int], *, x: str, y: str,
                 modes: tuple[str, str], title: str, out: Path | str) -> Path:
-    """One search: every trial as a point coloured by log10(lambda), the front as a step
-    line through its members (ringed). ``points`` are dicts with keys ``x``, ``y``,
-    ``lambda_``; ``modes`` are the modes of ``x`` and ``y``."""
+    """One search: every trial as a point coloured by the knob that drives its sparsity
+    (log10 lambda, or the target sparsity), the front as a step line through its members
+    (ringed). ``points`` are dicts with keys ``x``, ``y`` and ``knob`` (a ``(key, value)`` pair
+    or ``None``); ``modes`` are the modes of ``x`` and ``y``."""
     from matplotlib import cm, colors
     from matplotlib.figure import Figure
 
@@ -68,7 +80,7 @@ def plot_search(points: list[dict[str, Any]], front: list[int], *, x: str, y: st
     ax = fig.add_subplot()
     xs = [p[x] for p in points]
     ys = [p[y] for p in points]
-    logs = [_log10_lambda(p.get("lambda_")) for p in points]
+    logs, label = _colour_values([p.get("knob") for p in points])
     finite = [v for v in logs if math.isfinite(v)]
     if finite:
         lo, hi = min(finite), max(finite)
@@ -81,11 +93,11 @@ def plot_search(points: list[dict[str, Any]], front: list[int], *, x: str, y: st
                    cmap=cmap, norm=norm, s=55, edgecolors="black", linewidths=0.4, zorder=3,
                    label="trial")
         bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax)
-        bar.set_label(r"$\log_{10}\,\lambda$")
+        bar.set_label(label)
     zero = [i for i, v in enumerate(logs) if not math.isfinite(v)]
     if zero:
         ax.scatter([xs[i] for i in zero], [ys[i] for i in zero], c="lightgrey", s=55,
-                   edgecolors="black", linewidths=0.4, zorder=3, label=r"$\lambda = 0$")
+                   edgecolors="black", linewidths=0.4, zorder=3, label="dense, or another knob")
     if front:
         sx, sy, where = staircase([xs[i] for i in front], [ys[i] for i in front],
                                   (modes[0], modes[1]))

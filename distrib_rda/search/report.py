@@ -34,6 +34,22 @@ class RunPoint:
     def optimizer(self) -> str:
         return self.params.get("optimizer") or self.tags.get("optimizer", "")
 
+    @property
+    def knob(self) -> tuple[str, float] | None:
+        """The key that drives this run's sparsity and its value (``None``: a dense run)."""
+        from distrib_rda.optimizers import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            return None
+        return OPTIMIZERS[self.optimizer].knob(self.params)
+
+    def knob_text(self) -> str:
+        """``"lambda 0.0008"``, ``"target 95%"``, or ``"-"``."""
+        if self.knob is None:
+            return "-"
+        key, value = self.knob
+        return f"target {value:.4g}" if key == "target_sparsity" else f"lambda {value:.3g}"
+
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "run_name": self.run_name,
                 "trial_id": self.tags.get(TRIAL_TAG), "params": self.params,
@@ -79,29 +95,21 @@ def front_of(points: list[RunPoint], metrics: list[str], modes: list[str]) -> li
 
 
 def front_table(title: str, points: list[RunPoint], front: list[int]) -> Table:
-    """The front's runs, best accuracy first."""
+    """The front's runs, best accuracy first, each with the knob that drives its sparsity
+    (lambda, or the target sparsity RDA and GMP are given; none for dense SGD)."""
     table = Table(title=title, title_justify="left")
     table.add_column("run name", overflow="fold")
     table.add_column("optimizer")
-    table.add_column("lambda_", justify="right")
-    table.add_column("gamma", justify="right")
+    table.add_column("knob", justify="right")
     table.add_column("sparsity", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("run id", no_wrap=True, min_width=32)
     for i in sorted(front, key=lambda i: -points[i].metrics["accuracy"]):
         point = points[i]
-        table.add_row(point.run_name, point.optimizer, _number(point.params.get("lambda_")),
-                      _number(point.params.get("gamma")),
+        table.add_row(point.run_name, point.optimizer, point.knob_text(),
                       f"{point.metrics['sparsity']:.2%}", f"{point.metrics['accuracy']:.2%}",
                       point.run_id)
     return table
-
-
-def _number(text: str | None) -> str:
-    try:
-        return f"{float(text):.3g}"
-    except (TypeError, ValueError):
-        return text or "-"
 
 
 def experiment_id_for(client: MlflowClient, name: str, *, tracking_uri: str) -> str:

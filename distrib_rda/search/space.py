@@ -39,7 +39,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distrib_rda.config import ConfigError, TrainConfig, format_validation_error, load_yaml
+from distrib_rda.config import (
+    ALIASES,
+    ConfigError,
+    TrainConfig,
+    config_fields,
+    format_validation_error,
+    load_yaml,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 # Metrics every epoch reports (rank 0), usable as objectives.
@@ -48,7 +55,6 @@ METRICS = ("accuracy", "sparsity", "train_loss", "test_loss", "nonzeros",
 # Keys that say where a search runs and records; one search has one of each.
 NOT_SEARCHABLE = ("address", "experiment", "tracking_uri", "storage", "name", "cache_dir",
                   "data_root", "download", "max_failures", "checkpoint_every")
-ALIASES = {"lambda": "lambda_"}
 DEFAULT_TRIALS = 8
 
 
@@ -216,7 +222,7 @@ class SearchSpec:
     def as_dict(self) -> dict[str, Any]:
         """What a resumed search must match."""
         return {
-            "config": self.base.model_dump(mode="json"),
+            "config": self.base.to_dict(),
             "space": {key: {d.kind: d.values} for key, d in self.space.items()},
             "objectives": [o.model_dump() for o in self.objectives],
             "algorithm": self.search.algorithm, "sampler": self.search.sampler,
@@ -229,7 +235,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_float_field(key: str) -> bool:
-    annotation = TrainConfig.model_fields[key].annotation
+    annotation = config_fields()[key][0][1].annotation
     return annotation is float or float in typing.get_args(annotation)
 
 
@@ -257,8 +263,8 @@ def load_space(path: Path | str, *, overrides: dict[str, Any] | None = None,
     for raw_key, dist in parsed.space.items():
         key = ALIASES.get(raw_key, raw_key)
         where = f"{path}: space.{raw_key}"
-        if key not in TrainConfig.model_fields:
-            known = ", ".join(sorted(set(TrainConfig.model_fields) - set(NOT_SEARCHABLE)))
+        if key not in config_fields():
+            known = ", ".join(sorted(set(config_fields()) - set(NOT_SEARCHABLE)))
             raise ConfigError(f"{where}: unknown config key (searchable keys: {known})")
         if key in NOT_SEARCHABLE:
             raise ConfigError(f"{where}: cannot be searched, it is the same for every trial "
