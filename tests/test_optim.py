@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch
 from torch import nn
 
 from distrib_rda.optim import RDA, MagnitudePruner, ProxSGD, prunable_weights, rda_param_groups
-from distrib_rda.optim.rda import chunk_size
+from distrib_rda.optim.rda import chunk_size, rda
 
 # One tensor larger than a chunk of the per-tensor path, one not contiguous, small ones.
 SHAPES = [(2 * chunk_size() + 1234,), (6, 3, 3, 3), (17,), (4, 5)]
@@ -227,13 +230,20 @@ def test_rda_fused_equals_per_tensor_without_recompiling(adaptive, center):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_rda_default_path_follows_torch_heuristic():
-    params = make_params(dtype=torch.float32)
-    grads = make_grads(3, dtype=torch.float32)
-    default = run(lambda ps: RDA(ps, lambda_=0.01), params, grads)[0]
-    params = make_params(dtype=torch.float32)
-    per_tensor = run(lambda ps: RDA(ps, lambda_=0.01, foreach=False), params, grads)[0]
-    for a, b in zip(default, per_tensor, strict=True):
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rda_default_path_equals_per_tensor(adaptive):
+    """foreach=None on the CPU: small tensors through the multi-tensor kernel, large ones per
+    tensor; the numbers are those of the per-tensor path."""
+    grads = make_grads(6, dtype=torch.float32)
+    results = []
+    for foreach in (None, False):
+        params = make_params(dtype=torch.float32)
+
+        def factory(ps, foreach=foreach):
+            return RDA(two_groups(ps, 0.02), gamma=0.8, adaptive=adaptive, foreach=foreach)
+
+        results.append(run(factory, params, grads, restart_at=(2,), project_at=(4,))[0])
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
@@ -478,6 +488,156 @@ def test_rda_project_before_any_step_leaves_weights():
     before = [p.detach().clone() for p in params]
     RDA(params, lambda_=0.5).project()
     assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+@pytest.mark.parametrize("foreach", [False, True, None])
+@pytest.mark.parametrize("center", ["init", "zero"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_functional_rda_equals_class_step_and_closed_form_float64(adaptive, center, foreach):
+    """rda() on plain lists gives the class's numbers, the closed form of DESIGN.md, and
+    counts the steps; with grads=None it projects without counting."""
+    grads = make_grads(3)
+    lam, gamma, eps = 0.05, 1.3, 1e-3
+    kwargs = dict(gamma=gamma, adaptive=adaptive, eps=eps, foreach=foreach)
+    params = make_params()
+    w1 = [p.detach().clone() for p in params]
+    opt = RDA(two_groups(params, lam), center=center, **kwargs)
+    weights = [p.detach().clone() for p in make_params()]
+    duals = [torch.zeros_like(w) for w in weights]
+    sq_sums = [torch.zeros_like(w) for w in weights] if adaptive else None
+    steps = [torch.tensor(0.0) for _ in weights]
+    centers = w1 if center == "init" else None
+
+    def functional(grads_t, lo, hi, lambda_):
+        rda(weights[lo:hi], None if grads_t is None else grads_t[lo:hi],
+            None if centers is None else centers[lo:hi], duals[lo:hi],
+            None if sq_sums is None else sq_sums[lo:hi], steps[lo:hi], lambda_=lambda_, **kwargs)
+
+    for t in range(1, len(grads) + 1):
+        set_grads(params, grads[t - 1])
+        opt.step()
+        functional(grads[t - 1], 0, 2, lam)
+        functional(grads[t - 1], 2, 4, 0.0)
+        for i, (p, w) in enumerate(zip(params, weights, strict=True)):
+            want = expected_rda(w1[i], [g[i] for g in grads[:t]], lam=lam if i < 2 else 0.0,
+                                gamma=gamma, adaptive=adaptive, eps=eps, center=center)
+            torch.testing.assert_close(w, want, rtol=1e-12, atol=1e-15)
+            assert torch.equal(w, p.detach())
+        assert [s.item() for s in steps] == [t] * 4
+
+    for d in duals:
+        d.mul_(0.5)
+    functional(None, 0, 2, lam)
+    t = len(grads)
+    for i in range(2):
+        if adaptive:
+            beta = gamma * (torch.sqrt(sum(g[i] ** 2 for g in grads)) + eps)
+        else:
+            beta = gamma * math.sqrt(t)
+        c = w1[i] if center == "init" else torch.zeros_like(w1[i])
+        want = soft(c - 0.5 * sum(g[i] for g in grads) / beta, t * lam / beta)
+        torch.testing.assert_close(weights[i], want, rtol=1e-12, atol=1e-15)
+    assert [s.item() for s in steps] == [t] * 4
+
+
+def test_functional_rda_refuses_mismatched_lists():
+    ps = [torch.zeros(3), torch.zeros(2)]
+    z = [torch.zeros(3), torch.zeros(2)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    with pytest.raises(ValueError, match="dual_sums has 1 entries for 2 parameters"):
+        rda(ps, z, None, z[:1], None, steps, lambda_=0.0, gamma=1.0)
+    with pytest.raises(ValueError, match="sq_sums must be given with adaptive=True"):
+        rda(ps, z, None, z, None, steps, lambda_=0.0, gamma=1.0, adaptive=True)
+    with pytest.raises(ValueError, match="sq_sums must be given with adaptive=True"):
+        rda(ps, z, None, z, z, steps, lambda_=0.0, gamma=1.0)
+    with pytest.raises(ValueError, match="gamma must be"):
+        rda(ps, z, None, z, None, steps, lambda_=0.0, gamma=0.0)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rda_step_is_a_tensor_and_int_step_checkpoints_load(adaptive):
+    """The step count is a 0-dim float32 CPU tensor, as in torch's Adam; a checkpoint of an
+    earlier version, whose counts are Python ints, loads and continues the same trajectory."""
+    grads = make_grads(7, dtype=torch.float32)
+
+    def factory(ps):
+        return RDA(two_groups(ps, 0.02), gamma=0.9, adaptive=adaptive)
+
+    params = make_params(dtype=torch.float32)
+    opt = factory(params)
+    for gs in grads[:3]:
+        set_grads(params, gs)
+        opt.step()
+    opt.restart()
+    set_grads(params, grads[3])
+    opt.step()
+    for p in params:
+        step = opt.state[p]["step"]
+        assert isinstance(step, torch.Tensor) and step.shape == ()
+        assert step.dtype == torch.float32 and step.device.type == "cpu"
+        assert step.item() == 4 and opt.state[p]["restart_step"] == 3
+    old = copy.deepcopy(opt.state_dict())
+    for st in old["state"].values():
+        st["step"] = int(st["step"])
+    saved = [p.detach().clone() for p in params]
+    for gs in grads[4:]:
+        set_grads(params, gs)
+        opt.step()
+
+    params2 = [nn.Parameter(w) for w in saved]
+    opt2 = factory(params2)
+    opt2.load_state_dict(old)
+    assert all(isinstance(opt2.state[p]["step"], torch.Tensor) for p in params2)
+    opt2.state[params2[0]]["step"] = 4  # set by hand: converted at the next step
+    for gs in grads[4:]:
+        set_grads(params2, gs)
+        opt2.step()
+    for a, b in zip(params, params2, strict=True):
+        assert torch.equal(a, b)
+    assert all(opt2.state[p]["step"].item() == 7 for p in params2)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_rda_adaptive_chunks_channels_last_tensors(foreach):
+    """The adaptive per-tensor path chunks a channels_last tensor larger than a chunk in memory
+    order; both paths give the closed form."""
+    shape = (64, 64, 6, 6)
+    assert math.prod(shape) > chunk_size()
+    gen = torch.Generator().manual_seed(3)
+    w = nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64)
+                     .to(memory_format=torch.channels_last))
+    w1 = w.detach().clone()
+    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    opt = RDA([w], lambda_=0.3, adaptive=True, eps=1e-3, foreach=foreach)
+    for t in range(1, 4):
+        w.grad = torch.empty_like(w).copy_(grads[t - 1])
+        opt.step()
+        want = expected_rda(w1, grads[:t], lam=0.3, gamma=1.0, adaptive=True, eps=1e-3,
+                            center="init")
+        torch.testing.assert_close(w.detach(), want, rtol=1e-12, atol=1e-15)
+    assert (w == 0).any()
+
+
+def test_importing_optim_does_not_load_the_compiler():
+    """Importing the optimizers leaves Dynamo and Inductor unloaded (torch's own Optimizer loads
+    Dynamo when a parameter group is added, for any optimizer); only fused=True compiles."""
+    code = (
+        "import sys\n"
+        "import distrib_rda.optim\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]"
+
+    import distrib_rda.optim.rda as module
+
+    compiled = dict(module._compiled)
+    params = make_params(dtype=torch.float32)
+    for adaptive in (False, True):
+        run(lambda ps, adaptive=adaptive: RDA(ps, lambda_=0.1, adaptive=adaptive), params,
+            make_grads(2, dtype=torch.float32))
+    assert module._compiled == compiled
 
 
 # ----------------------------------------------------------------------------------- ProxSGD
