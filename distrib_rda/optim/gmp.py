@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distrib_rda.optim.schedule import cubic_sparsity
+
 __all__ = ["MagnitudePruner", "magnitude_masks"]
 
 
@@ -74,13 +76,8 @@ class MagnitudePruner:
 
     def sparsity_at(self, step: int) -> float:
         """The scheduled sparsity :math:`s_t` at optimizer step ``step``."""
-        if step < self.start_step:
-            return 0.0
-        if step >= self.end_step:
-            return self.target_sparsity
-        frac = (step - self.start_step) / (self.end_step - self.start_step)
-        s_i, s_f = self.initial_sparsity, self.target_sparsity
-        return s_f + (s_i - s_f) * (1.0 - frac) ** 3
+        return cubic_sparsity(step, self.start_step, self.end_step, self.target_sparsity,
+                              self.initial_sparsity)
 
     def is_pruning_step(self, step: int) -> bool:
         """Whether the masks are recomputed at ``step``."""

@@ -11,16 +11,17 @@ For each parameter tensor, element-wise, with :math:`w_1` the value the optimize
 with :math:`S_\tau(u) = \operatorname{sign}(u)\max(|u| - \tau, 0)` and either
 :math:`\beta_t = \gamma\sqrt{t}` (generalized to :math:`\gamma(t + t_w)^p`) or, with
 ``adaptive=True``, :math:`\beta_t = \gamma(\sqrt{\textstyle\sum_{\tau \le t} g_\tau^2} + \epsilon)`
-per element. See :class:`RDA` for restarts.
+per element. See :class:`RDA` for restarts, the hard threshold, and the target sparsity that
+sets :math:`\lambda` itself.
 
 As in ``torch.optim``, the :class:`RDA` class keeps the state and :func:`rda` does the step on
 lists of tensors, by one of three kernels: per tensor (``_single_tensor*``), multi-tensor
 (``_multi_tensor*``, ``torch._foreach_*`` ops) or generated (``_fused*``, ``torch.compile``,
 imported and compiled on first use only). :func:`rda` computes the scalars of the step once per
 bucket of tensors that share them (same device, dtype, ``t`` and ``t0``): the step size and the
-threshold ``tau``. The kernels take ``tau`` as given and end by thresholding ``u`` by it, so a
-threshold chosen another way (a quantile of ``|u|`` for a target sparsity, say) belongs in
-:func:`rda`, and another threshold function in that last stage.
+threshold ``tau``. The kernels take ``tau`` as given and end by thresholding ``u`` by it, softly
+or hard. A group with a target sparsity chooses ``tau`` as a quantile of ``|u|`` in the class,
+around :func:`rda`.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
+from distrib_rda.optim.schedule import cubic_sparsity, magnitude_quantile
+
 __all__ = ["RDA", "CENTERS", "rda"]
 
 CENTERS = ("init", "zero")
+THRESHOLDS = ("soft", "hard")
 
 # Elements per thread processed together by the adaptive per-tensor path, so that the passes
 # over one chunk after the first find it in the core's L2 (128Ki float32 = 512 KiB per tensor).
@@ -133,6 +137,17 @@ def soft_threshold_(x: Tensor, tau: float) -> Tensor:
     return torch.ops.aten.softshrink.out(x, tau, out=x)
 
 
+def hard_threshold_(x: Tensor, tau: float) -> Tensor:
+    """In place, ``x <- H_tau(x) = x * 1[|x| > tau]``, one pass."""
+    return torch.ops.aten.hardshrink.out(x, tau, out=x)
+
+
+def threshold_(xs: list[Tensor], tau: float, *, hard: bool) -> None:
+    """Every tensor of ``xs``, in place, by :func:`hard_threshold_` or :func:`soft_threshold_`."""
+    for x in xs:
+        (hard_threshold_ if hard else soft_threshold_)(x, tau)
+
+
 def foreach_soft_threshold_(xs: list[Tensor], tau: float) -> None:
     """In place over a list, ``x <- x - clamp(x, -tau, tau)``: equal to :func:`soft_threshold_`
     bit for bit (``x - tau``, ``x + tau`` or ``x - x = 0``)."""
@@ -213,6 +228,33 @@ class RDA(Optimizer):
     (the threshold starts again at :math:`\lambda/\beta_t` instead of zeroing every weight
     below :math:`t\lambda/\beta_t` at once).
 
+    **Hard threshold** (``threshold="hard"``): the survivors keep their whole value,
+    :math:`w = H_\tau(u) = u\,\mathbb{1}[|u| > \tau]`, the argmin of the same objective with
+    :math:`\|w\|_0` in place of :math:`\|w\|_1` and the threshold :math:`\sqrt{2\tau\beta_t}`
+    rescaled to :math:`\tau`. The support is chosen as the soft threshold chooses it; only the
+    survivors are not shrunk by :math:`\tau`.
+
+    **Target sparsity** (group keys ``target_sparsity`` :math:`s`, ``ramp`` :math:`(t_a, t_b)`
+    in steps, ``reselect_every`` :math:`k`): the group's l1 strength is not given but found, so
+    that the fraction of its elements at zero follows Zhu & Gupta's cubic ramp
+    (:func:`~distrib_rda.optim.schedule.cubic_sparsity`) from 0 at :math:`t_a` to :math:`s` at
+    :math:`t_b` and stays there. At every :math:`k`-th step from :math:`t_a`, at :math:`t_b`
+    and at every :meth:`project`, the threshold is the :math:`s_t`-quantile of :math:`|u_t|`
+    over all the group's tensors together,
+
+    .. math::
+        \tau_t = |u_t|_{(\lceil s_t N \rfloor)}, \qquad
+        \lambda \leftarrow \lambda_t = \frac{\tau_t\,\beta_t}{t - t_0},
+
+    so exactly :math:`\operatorname{round}(s_t N)` elements are zero; between reselections
+    :math:`\lambda` stays and :math:`\tau_t = (t - t_0)\lambda/\beta_t` follows the update
+    above. This is l1-RDA with the time-varying strength :math:`\lambda_t`; the group's
+    ``lambda_`` holds the current one. The survivors are the largest :math:`|u_t|`: a weight
+    set to zero keeps adding its gradients to :math:`G_t` and comes back as soon as
+    :math:`|u_t|` passes :math:`\tau_t` (regrowth), which magnitude pruning, whose pruned
+    weights stay pruned, cannot do. The parameters of a target group step together (one
+    :math:`t`); the adaptive :math:`\beta_t` is refused there.
+
     The step itself is :func:`rda` on the lists of each group.
 
     Args:
@@ -229,6 +271,10 @@ class RDA(Optimizer):
         foreach: multi-tensor ``torch._foreach_*`` path; ``None`` picks it where torch's own
             optimizers do (CUDA); on the CPU it takes the per-tensor path for large tensors and
             the multi-tensor one for small ones. All give the same numbers.
+        threshold: ``"soft"`` (:math:`S_\tau`, the l1 prox) or ``"hard"`` (:math:`H_\tau`).
+        target_sparsity: per group (``None``: the fixed ``lambda_``), the fraction
+            :math:`s \in (0, 1)` of zeros the ramp ends at; with it, ``ramp`` = ``(t_a, t_b)``
+            (steps, :math:`0 \le t_a < t_b`) and ``reselect_every`` = :math:`k \ge 1`.
         fused: one generated kernel per tensor (``torch.compile``; Inductor emits C++ on the
             CPU, which needs a C++ compiler, and Triton on CUDA) that reads ``g``, ``G`` and
             :math:`w_1` (and ``Q``) once and writes ``G`` (``Q``) and ``w`` once, like
@@ -250,6 +296,10 @@ class RDA(Optimizer):
         warmup: float = 0.0,
         power: float = 0.5,
         fused: bool | None = None,
+        threshold: str = "soft",
+        target_sparsity: float | None = None,
+        ramp: tuple[int, int] = (0, 1),
+        reselect_every: int = 16,
     ) -> None:
         defaults = dict(
             lambda_=lambda_,
@@ -261,6 +311,10 @@ class RDA(Optimizer):
             warmup=warmup,
             power=power,
             fused=fused,
+            threshold=threshold,
+            target_sparsity=target_sparsity,
+            ramp=ramp,
+            reselect_every=reselect_every,
         )
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -277,6 +331,27 @@ class RDA(Optimizer):
         check_foreach(group["foreach"])
         check_fused(group.setdefault("fused", None), group["foreach"])
         check_schedule(group.setdefault("warmup", 0.0), group.setdefault("power", 0.5))
+        if group.setdefault("threshold", "soft") not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {', '.join(THRESHOLDS)}, got "
+                             f"{group['threshold']!r}")
+        if group["adaptive"] and group["threshold"] == "hard":
+            raise ValueError("threshold='hard' needs the scalar beta_t; adaptive=True is "
+                             "soft only")
+        target = group.setdefault("target_sparsity", None)
+        if target is None:
+            return
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+            raise ValueError(f"target_sparsity must be a number in (0, 1), got {target!r}")
+        start, end = group.setdefault("ramp", (0, 1))
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            raise ValueError(f"ramp must be (start, end) steps with 0 <= start < end, got "
+                             f"{group['ramp']!r}")
+        every = group.setdefault("reselect_every", 16)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"reselect_every must be an integer >= 1, got {every!r}")
+        if group["adaptive"]:
+            raise ValueError("target_sparsity needs the scalar beta_t (a threshold shared by "
+                             "the group); adaptive=True gives every element its own")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -349,6 +424,7 @@ class RDA(Optimizer):
             restart_steps=restart_steps,
             lambda_=group["lambda_"],
             gamma=group["gamma"],
+            hard=group["threshold"] == "hard",
             adaptive=adaptive,
             eps=group["eps"],
             warmup=group["warmup"],
@@ -366,21 +442,37 @@ class RDA(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             self._check_group(group)
-            args = self._init_group(group, with_grads=True)
-            if args["params"]:
-                rda(**args)
+            self._step_group(group, with_grads=True)
         return loss
 
     @torch.no_grad()
     def project(self) -> None:
         """Set every parameter that has taken a step to the prox of its state, with no new gradient:
-        ``w = S_{(t - t0)*lam/beta_t}(w1 - G/beta_t)``. After the dual tensors were all-reduced
-        (:meth:`dual_state_tensors`), this makes the weights of every rank equal."""
+        ``w = S_{(t - t0)*lam/beta_t}(w1 - G/beta_t)``; a target group reselects its threshold,
+        so it holds exactly its scheduled number of zeros. After the dual tensors were
+        all-reduced (:meth:`dual_state_tensors`), this makes the weights of every rank equal."""
         for group in self.param_groups:
             self._check_group(group)
-            args = self._init_group(group, with_grads=False)
-            if args["params"]:
-                rda(**args)
+            self._step_group(group, with_grads=False)
+
+    def _step_group(self, group: dict[str, Any], with_grads: bool) -> None:
+        args = self._init_group(group, with_grads=with_grads)
+        if not args["params"]:
+            return
+        target = group["target_sparsity"]
+        t = args["state_steps"][0].item() + (1 if with_grads else 0)
+        start, end = group["ramp"]
+        if target is None or (with_grads and not (
+                t >= start and ((t - start) % group["reselect_every"] == 0 or t == end))):
+            rda(**args)
+            return
+        rda(**{**args, "lambda_": 0.0})  # the parameters hold u = w1 - G/beta_t
+        tau = magnitude_quantile(args["params"], cubic_sparsity(t, start, end, target))
+        t0 = args["restart_steps"][0]
+        beta = scalar_beta(group["gamma"], t, group["warmup"], group["power"])
+        group["lambda_"] = tau * beta / (t - t0) if t > t0 else 0.0
+        if tau > 0:
+            threshold_(args["params"], tau, hard=args["hard"])
 
     def dual_state_tensors(self) -> list[Tensor]:
         """The state tensors to all-reduce with AVG at a local-dual-averaging sync, in place.
@@ -428,6 +520,7 @@ def rda(
     *,
     lambda_: float,
     gamma: float,
+    hard: bool = False,
     adaptive: bool = False,
     eps: float = 1e-8,
     warmup: float = 0.0,
@@ -439,8 +532,8 @@ def rda(
 
     Per parameter ``i``: ``t = state_steps[i] + 1`` (written back), ``G = dual_sums[i] +
     grads[i]`` (and ``Q = sq_sums[i] + grads[i]**2`` if adaptive), then ``params[i] =
-    S_tau(w1 - G/beta_t)`` with ``w1 = centers[i]``, ``tau = (t - t0) * lambda_ / beta_t`` and
-    ``t0 = restart_steps[i]``.
+    S_tau(w1 - G/beta_t)`` (``H_tau`` with ``hard=True``) with ``w1 = centers[i]``,
+    ``tau = (t - t0) * lambda_ / beta_t`` and ``t0 = restart_steps[i]``.
 
     Args:
         params: the parameters, overwritten with the prox.
@@ -451,6 +544,8 @@ def rda(
         sq_sums: the squared-gradient sums :math:`Q`, with ``adaptive=True`` only (else ``None``).
         state_steps: the step counts :math:`t`, 0-dim float tensors on the CPU.
         restart_steps: :math:`t_0` per parameter (``None``: all 0).
+        hard: the hard threshold ``H_tau(u) = u * 1[|u| > tau]`` instead of ``S_tau``
+            (``threshold="hard"`` of :class:`RDA`; the scalar schedule only).
         lambda_, gamma, adaptive, eps, warmup, power, foreach, fused: as in :class:`RDA`.
     """
     lambda_ = check_nonnegative("lambda_", lambda_)
@@ -466,6 +561,8 @@ def rda(
             raise ValueError(f"{name} has {len(values)} entries for {n} parameters")
     if adaptive != (sq_sums is not None):
         raise ValueError("sq_sums must be given with adaptive=True, and only then")
+    if adaptive and hard:
+        raise ValueError("hard=True needs the scalar beta_t; adaptive=True is soft only")
     if n == 0:
         return
     if restart_steps is None:
@@ -487,7 +584,7 @@ def rda(
             scalars = {"gamma": gamma, "eps": eps, "tau": (t - t0) * lambda_}
         else:
             beta = scalar_beta(gamma, t, warmup, power)
-            scalars = {"alpha": -1.0 / beta, "tau": (t - t0) * lambda_ / beta}
+            scalars = {"alpha": -1.0 / beta, "tau": (t - t0) * lambda_ / beta, "hard": hard}
         if foreach is None and not fused and device.type == "cpu":
             small, large = _split_by_size(tensors)
             if small is not None:
@@ -542,10 +639,11 @@ def _split_by_size(tensor_lists):
 
 # Each kernel takes the lists of one bucket, (params, grads, centers, dual_sums, sq_sums) with
 # grads None for a projection and centers None for the centre 0, and the bucket's scalars. The
-# last stage is the threshold of u = w1 - G/beta by tau (by tau of beta*u, adaptive).
+# last stage is the threshold of u = w1 - G/beta by tau (by tau of beta*u, adaptive), soft or
+# (scalar schedule) hard.
 
 
-def _single_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau):
+def _single_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau, hard):
     # Whole tensors, three passes. Chunks of 128Ki-512Ki elements, which keep G and p in cache
     # for the later passes, measured no faster on ResNet-18's parameters.
     for i, p in enumerate(params):
@@ -557,10 +655,10 @@ def _single_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau):
         else:
             torch.mul(dual, alpha, out=p)
         if tau > 0:
-            soft_threshold_(p, tau)
+            (hard_threshold_ if hard else soft_threshold_)(p, tau)
 
 
-def _multi_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau):
+def _multi_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau, hard):
     if grads is not None:
         torch._foreach_add_(dual_sums, grads)
     if centers is not None:
@@ -569,7 +667,9 @@ def _multi_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau):
     else:
         torch._foreach_copy_(params, dual_sums)
         torch._foreach_mul_(params, alpha)
-    if tau > 0:
+    if tau > 0 and hard:
+        threshold_(params, tau, hard=True)  # no multi-tensor hardshrink: one pass per tensor
+    elif tau > 0:
         foreach_soft_threshold_(params, tau)
 
 
@@ -635,12 +735,12 @@ def _multi_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma,
 # 0-dim tensors: Dynamo would specialize on Python floats and recompile at every step.
 
 
-def _fused_kernel(params, grads, centers, dual_sums, alpha, tau):
+def _fused_kernel(params, grads, centers, dual_sums, alpha, tau, hard):
     for i, (p, dual) in enumerate(zip(params, dual_sums, strict=True)):
         if grads is not None:
             dual.add_(grads[i])
         u = dual * alpha if centers is None else centers[i] + dual * alpha
-        p.copy_(u - u.clamp(-tau, tau))
+        p.copy_(torch.where(u.abs() > tau, u, 0.0) if hard else u - u.clamp(-tau, tau))
 
 
 def _fused_adaptive_kernel(params, grads, centers, dual_sums, sq_sums, gamma, eps, tau):
@@ -667,10 +767,10 @@ def _scalar(value: float, like: Tensor) -> Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
-def _fused(params, grads, centers, dual_sums, sq_sums, *, alpha, tau):
+def _fused(params, grads, centers, dual_sums, sq_sums, *, alpha, tau, hard):
     _compile(_fused_kernel)(
         [p.detach() for p in params], grads, centers, dual_sums,
-        _scalar(alpha, params[0]), _scalar(tau, params[0]),
+        _scalar(alpha, params[0]), _scalar(tau, params[0]), hard,
     )
 
 
