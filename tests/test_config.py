@@ -81,7 +81,8 @@ def test_params_leave_out_where_the_run_ran():
 
 
 @pytest.mark.parametrize(("values", "named"), [
-    ({"optimizer": "sgd", "lambda_": 1e-3}, "lambda_ (--lambda): applies to optimizer prox-sgd, rda"),
+    ({"optimizer": "sgd", "lambda_": 1e-3},
+     "lambda_ (--lambda): applies to optimizer prox-sgd, rda, not sgd"),
     ({"optimizer": "sgd", "target_sparsity": 0.9}, "applies to optimizer gmp, rda, not sgd"),
     ({"optimizer": "gmp", "gamma": 0.3}, "gamma (--gamma): applies to optimizer rda, not gmp"),
     ({"optimizer": "gmp"}, "target_sparsity (--target-sparsity): required"),

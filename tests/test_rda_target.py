@@ -33,9 +33,9 @@ def target_optimizer(model: nn.Module, *, target=0.9, ramp=(5, 40), every=1, thr
 
 def train(model: nn.Module, optimizer: RDA, steps: int, seed: int = 1, record=None) -> None:
     generator = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _ in range(steps):
         x = torch.randn(32, 20, generator=generator)
-        y = (x[:, :3].argmax(1))
+        y = x[:, :3].argmax(1)
         loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
