@@ -39,9 +39,9 @@ import torch.multiprocessing as mp
 
 from distrib_rda.config import TrainConfig
 from distrib_rda.models import MODELS, build_model
+from distrib_rda.optim.parts import OptimizerParts
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import train_step
-from distrib_rda.optim.parts import OptimizerParts
 
 STEPS = 40   # per round: a mean, so the slow tail counts
 ROUNDS = 5   # the quantities take turns; the median round is reported (the host is noisy)

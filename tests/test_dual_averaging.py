@@ -20,9 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distrib_rda.models import build_model
 from distrib_rda.optim import RDA, rda_param_groups
+from distrib_rda.optim.parts import OptimizerParts
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import train_step
-from distrib_rda.optim.parts import OptimizerParts
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
