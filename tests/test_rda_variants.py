@@ -100,7 +100,7 @@ def test_schedule_refuses_bad_values(kwargs, match):
 
 def test_config_keys_validate():
     cfg = TrainConfig.build(warmup=50, power=0.4)
-    assert (cfg.warmup, cfg.power) == (50, 0.4)
+    assert (cfg.optim.warmup, cfg.optim.power) == (50, 0.4)
     for bad in ({"warmup": -1}, {"power": 2}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             TrainConfig.build(**bad)
@@ -110,7 +110,6 @@ def test_finetune_keeps_the_support_and_trains_the_survivors():
     """m = 1[w != 0] at the start; after SGD steps every masked weight is still exactly 0,
     the survivors (and the biases) moved, and the loss went down."""
     from distrib_rda.sparsity import sparsity
-    from distrib_rda.training.optimizers import build_finetune
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -120,7 +119,7 @@ def test_finetune_keeps_the_support_and_trains_the_survivors():
     zero = [(layer.weight == 0).clone() for layer in (model[0], model[2])]
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
-    parts = build_finetune(TrainConfig.build(lr=0.1), model, total_steps=50)
+    parts = TrainConfig.build(lr=0.1).optim.build_finetune(model, total_steps=50)
     losses = []
     for _ in range(50):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -135,64 +134,7 @@ def test_finetune_keeps_the_support_and_trains_the_survivors():
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert losses[-1] < 0.95 * losses[0]
     state = parts.state_dict()
-    again = build_finetune(TrainConfig.build(lr=0.1), model, total_steps=50)
+    again = TrainConfig.build(lr=0.1).optim.build_finetune(model, total_steps=50)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in
                zip(again.pruner.masks, parts.pruner.masks, strict=True))
-
-
-def test_rda_target_cuts_the_iterate_to_its_largest_magnitudes_before_the_finetune():
-    """optimizer rda + target_sparsity s: the fine-tune starts from exactly round(sN) zeros over
-    all conv/linear weights together, the survivors being the largest |w| with their values
-    unchanged; weights already zero stay zero; building it again on the cut model (a resume)
-    cuts nothing; biases are never cut; the fine-tune then keeps that support."""
-    from distrib_rda.sparsity import nonzeros, num_prunable, sparsity
-    from distrib_rda.training.optimizers import build_finetune
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    with torch.no_grad():
-        model[0].weight[:, :2] = 0  # 32 of 176 already zero, as RDA leaves them
-        model[2].weight.mul_(3)  # larger weights in the second layer
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    cfg = TrainConfig.build(optimizer="rda", target_sparsity=0.9, finetune_epochs=1, lr=0.1)
-    parts = build_finetune(cfg, model, total_steps=10)
-
-    n = num_prunable(model)
-    assert n == 176 and nonzeros(model) == n - round(0.9 * n)
-    weights = {name: before[name] for name in ("0.weight", "2.weight")}
-    everything = torch.cat([w.abs().flatten() for w in weights.values()])
-    threshold = everything.sort(descending=True).values[nonzeros(model) - 1]
-    for name, original in weights.items():
-        now = dict(model.named_parameters())[name].detach()
-        kept = now != 0
-        assert torch.equal(now[kept], original[kept])          # survivors unchanged
-        assert (original[kept].abs() >= threshold).all()        # and they are the largest
-        assert (original[~kept].abs() <= threshold).all()
-    assert (model[0].weight[:, :2] == 0).all()
-    assert torch.equal(model[0].bias, before["0.bias"])
-    assert nonzeros(model[2]) / 48 > nonzeros(model[0]) / 128  # one global cut, not per layer
-
-    cut = [p.detach().clone() for p in model.parameters()]
-    build_finetune(cfg, model, total_steps=10)
-    assert all(torch.equal(a, b) for a, b in zip(cut, model.parameters(), strict=True))
-    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-    for _ in range(5):
-        parts.optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        parts.step()
-    assert sparsity(model) == pytest.approx(round(0.9 * n) / n)
-
-
-def test_rda_target_leaves_an_iterate_already_sparser_alone():
-    from distrib_rda.sparsity import nonzeros
-    from distrib_rda.training.optimizers import build_finetune
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 10))
-    with torch.no_grad():
-        model[0].weight.mul_(torch.rand_like(model[0].weight) > 0.95)
-    kept = nonzeros(model)
-    assert kept <= 5
-    build_finetune(TrainConfig.build(target_sparsity=0.5, finetune_epochs=1), model, 10)
-    assert nonzeros(model) == kept
