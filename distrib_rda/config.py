@@ -18,7 +18,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -92,11 +92,14 @@ class TrainConfig(BaseModel):
 
     # run
     epochs: Integer = Field(10, ge=1, le=10_000,
-                            description="epochs of the optimizer (then finetune_epochs, if any)")
+                            description="epochs of the run (RDA's fine-tune included)")
     batch_size: Integer = Field(128, ge=1, le=1 << 20,
                                 description="global batch, split over the workers")
     workers: Integer = Field(2, ge=1, le=4096, description="DDP workers (one per device)")
     gpu: Switch = Field(False, description="one GPU per worker, NCCL")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward and backward under autocast; weights, gradients and "
+        "the optimizer state stay float32")
     sync_every: Integer = Field(1, ge=1, le=1_000_000,
                                 description="H: all-reduce the dual state every H steps")
     seed: Integer = Field(0, ge=0, lt=2**32)
@@ -167,9 +170,13 @@ class TrainConfig(BaseModel):
         if type(self.optim) is not OPTIMIZERS[self.optimizer]:
             raise ValueError(f"optim holds the settings of another optimizer than "
                              f"{self.optimizer}")
-        if any(epoch > self.epochs for epoch in getattr(self.optim, "restart", ())):
-            raise ValueError(f"restart epochs must be within the {self.epochs} epochs of the "
-                             "optimizer (not in the fine-tune)")
+        if self.finetune_epochs >= self.epochs:
+            raise ValueError(f"finetune_epochs (--finetune-epochs) {self.finetune_epochs} must "
+                             f"be less than epochs (--epochs) {self.epochs}: the fine-tune is "
+                             "the last part of the run")
+        if any(epoch > self.optimizer_epochs for epoch in getattr(self.optim, "restart", ())):
+            raise ValueError(f"restart epochs must be within the {self.optimizer_epochs} epochs "
+                             "of the optimizer (not in the fine-tune)")
         if self.sync_every > 1 and not self.optim.dual_averaging:
             raise ValueError("sync_every > 1 (local dual averaging) needs optimizer: rda")
         if self.batch_size < self.workers:
@@ -183,12 +190,15 @@ class TrainConfig(BaseModel):
 
     @property
     def finetune_epochs(self) -> int:
-        """Epochs of fixed-mask training after the optimizer's ``epochs`` (RDA only)."""
-        return getattr(self.optim, "finetune_epochs", 0)
+        """The last epochs of the run, spent on fixed-mask training (RDA's fine-tune; half the
+        epochs unless set; 0 for the other optimizers)."""
+        value = getattr(self.optim, "finetune_epochs", 0)
+        return self.epochs // 2 if value is None else value
 
     @property
-    def total_epochs(self) -> int:
-        return self.epochs + self.finetune_epochs
+    def optimizer_epochs(self) -> int:
+        """The first epochs of the run, spent on the optimizer itself."""
+        return self.epochs - self.finetune_epochs
 
     @classmethod
     def build(cls, **values: Any) -> TrainConfig:

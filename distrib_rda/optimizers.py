@@ -174,8 +174,8 @@ class RDA(_Momentum):
     :math:`\tau_t`. With ``lambda_`` instead, the strength is fixed and the sparsity is what it
     gives.
 
-    After ``epochs`` of RDA, ``finetune_epochs`` train the surviving weights with the mask
-    fixed (SGD with ``lr``, ``momentum``, cosine decay).
+    The last ``finetune_epochs`` of the run (half of them by default) train the surviving
+    weights with the mask fixed (SGD with ``lr``, ``momentum``, cosine decay).
     """
 
     dual_averaging: ClassVar[bool] = True
@@ -195,11 +195,13 @@ class RDA(_Momentum):
     adaptive: Switch = Field(False, description="diagonal AdaGrad beta_t instead")
     eps: Number = Field(1e-8, gt=0, description="added to the AdaGrad denominator")
     center: Literal["init", "zero"] = Field("init", description="the prox centre")
-    fused: Switch = Field(False, description="one compiled kernel per tensor (torch.compile)")
+    fused: Switch | None = Field(
+        None, description="one compiled kernel per tensor (torch.compile); default: on CUDA "
+        "only, as torch's own optimizers choose their fast path")
     restart: list[Integer] = Field(default_factory=list, description="epochs to re-centre at")
-    finetune_epochs: Integer = Field(
-        10, ge=0, le=10_000,
-        description="after the RDA epochs, train the surviving weights with the mask fixed")
+    finetune_epochs: Integer | None = Field(
+        None, ge=0, le=10_000, description="the last epochs of the run train the surviving "
+        "weights with the mask fixed; default: half of the epochs")
 
     @model_validator(mode="before")
     @classmethod
