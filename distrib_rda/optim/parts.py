@@ -32,6 +32,14 @@ class OptimizerParts:
         if self.pruner is not None:
             self.pruner.step()
 
+    def settle(self) -> None:
+        """At the end of an epoch, an optimizer that can :meth:`~distrib_rda.optim.RDA.project`
+        does: an RDA target group reselects its threshold, so the epoch ends with exactly its
+        scheduled number of zeros."""
+        project = getattr(self.optimizer, "project", None)
+        if project is not None:
+            project()
+
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self._parts().items()}
 

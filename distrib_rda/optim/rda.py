@@ -247,13 +247,13 @@ class RDA(Optimizer):
         \lambda \leftarrow \lambda_t = \frac{\tau_t\,\beta_t}{t - t_0},
 
     so exactly :math:`\operatorname{round}(s_t N)` elements are zero; between reselections
-    :math:`\lambda` stays and :math:`\tau_t = (t - t_0)\lambda/\beta_t` follows the update
-    above. This is l1-RDA with the time-varying strength :math:`\lambda_t`; the group's
-    ``lambda_`` holds the current one. The survivors are the largest :math:`|u_t|`: a weight
-    set to zero keeps adding its gradients to :math:`G_t` and comes back as soon as
-    :math:`|u_t|` passes :math:`\tau_t` (regrowth), which magnitude pruning, whose pruned
-    weights stay pruned, cannot do. The parameters of a target group step together (one
-    :math:`t`); the adaptive :math:`\beta_t` is refused there.
+    :math:`\tau` stays (``lambda_`` follows, :math:`\lambda_t = \tau\beta_t/(t - t_0)`) and
+    only :math:`u_t` moves. This is l1-RDA with the time-varying strength :math:`\lambda_t`;
+    the group's ``lambda_`` holds the current one, its ``tau`` the threshold. The survivors
+    are the largest :math:`|u_t|`: a weight set to zero keeps adding its gradients to
+    :math:`G_t` and comes back as soon as :math:`|u_t|` passes :math:`\tau_t` (regrowth),
+    which magnitude pruning, whose pruned weights stay pruned, cannot do. The parameters of a
+    target group step together (one :math:`t`); the adaptive :math:`\beta_t` is refused there.
 
     The step itself is :func:`rda` on the lists of each group.
 
@@ -460,16 +460,21 @@ class RDA(Optimizer):
         if not args["params"]:
             return
         target = group["target_sparsity"]
-        t = args["state_steps"][0].item() + (1 if with_grads else 0)
-        start, end = group["ramp"]
-        if target is None or (with_grads and not (
-                t >= start and ((t - start) % group["reselect_every"] == 0 or t == end))):
+        if target is None:
             rda(**args)
+            return
+        t = args["state_steps"][0].item() + (1 if with_grads else 0)
+        t0 = args["restart_steps"][0]
+        beta = scalar_beta(group["gamma"], t, group["warmup"], group["power"])
+        start, end = group["ramp"]
+        if with_grads and not (t >= start and ((t - start) % group["reselect_every"] == 0
+                                               or t == end)):
+            group["lambda_"] = group.get("tau", 0.0) * beta / (t - t0)  # tau stays
+            rda(**{**args, "lambda_": group["lambda_"]})
             return
         rda(**{**args, "lambda_": 0.0})  # the parameters hold u = w1 - G/beta_t
         tau = magnitude_quantile(args["params"], cubic_sparsity(t, start, end, target))
-        t0 = args["restart_steps"][0]
-        beta = scalar_beta(group["gamma"], t, group["warmup"], group["power"])
+        group["tau"] = tau
         group["lambda_"] = tau * beta / (t - t0) if t > t0 else 0.0
         if tau > 0:
             threshold_(args["params"], tau, hard=args["hard"])
