@@ -1,15 +1,24 @@
 """Export a trained model's non-zeros: ``distrib-rda export SOURCE --out FILE``.
 
-SOURCE is a checkpoint file (``checkpoint.pt``, ``model.pt``), a Ray checkpoint directory holding
-``checkpoint.pt``, or an MLflow run id whose artifact ``model/model.pt`` is downloaded. Either way
-it is a dict ``{"model": state_dict, "config": {...}, ...}`` read with
-``torch.load(weights_only=True)``: a file that holds pickled code or objects is refused.
+SOURCE is a checkpoint file (``checkpoint.pt``), a Ray checkpoint directory holding
+``checkpoint.pt``, a sparse export, or an MLflow run id: the run's ``sparse/model-sparse.pt``
+(logged beside its MLflow Model), or ``model/model.pt`` for runs recorded before that. Every file
+is read with ``torch.load(weights_only=True)``: a file that holds pickled code or objects is
+refused.
 
 The output is a plain ``torch.save`` file that ``torch.load(weights_only=True)`` reads::
 
-    {"format": "distrib-rda-sparse/1", "config": {...}, "tensors": {name: entry}}
+    {"format": "distrib-rda-sparse/1", "config": {...}, "model_args": {...},
+     "preprocessing": {"input_shape": [C, H, W], "mean": [...], "std": [...],
+                       "pixel_scale": "0-255", "classes": [...], ...},
+     "tensors": {name: entry}}
 
-where each entry stores a tensor ``w`` with ``n`` elements, ``k`` of them non-zero, in the
+``config`` holds what defines the model and its training, and no local path (where the run
+stored its checkpoints, caches or data is left out). ``preprocessing`` is what turns a raw image
+into the model's input: ``(pixel - mean[c]) / std[c]``, pixels in ``[0, 255]``, laid out as
+``(N, C, H, W)``; ``classes`` names the outputs. :func:`load_sparse_model` rebuilds the model.
+
+Each tensor entry stores a tensor ``w`` with ``n`` elements, ``k`` of them non-zero, in the
 smallest of three encodings (``b`` bytes per value):
 
 - ``{"encoding": "dense", "data": w}``                         about ``n*b`` bytes;
@@ -35,10 +44,14 @@ from distrib_rda.errors import UserError
 from distrib_rda.safe_load import torch_load
 
 FORMAT = "distrib-rda-sparse/1"
-RUN_ARTIFACT = "model/model.pt"
+RUN_SPARSE_ARTIFACT = "sparse/model-sparse.pt"  # runs with an MLflow Model beside it
+RUN_ARTIFACT = "model/model.pt"  # runs recorded before: a dict saved by hand
 CHECKPOINT_NAMES = ("checkpoint.pt", "model.pt")
 # What a second stored tensor adds to a torch.save file besides its bytes (zip entry, pickle).
 RECORD_BYTES = 256
+# Config keys that say where a run ran: a path, an address or a name of this machine.
+LOCAL_KEYS = ("address", "storage", "cache_dir", "tracking_uri", "data_root", "loader_workers",
+              "checkpoint_every", "max_failures", "name", "experiment", "register", "download")
 
 
 class ExportError(UserError):
@@ -49,34 +62,22 @@ def export_sparse(source: str | os.PathLike, out: str | os.PathLike, *,
                   tracking_uri: str = "sqlite:///mlflow.db", force: bool = False) -> dict[str, Any]:
     """Write the non-zeros of ``source``'s model to ``out``; print and return the sizes.
 
-    Returns ``{"source", "out", "file_bytes", "dense_bytes", "ratio", "nonzeros", "numel",
-    "weight_nonzeros", "weight_numel", "weight_density"}``: ``dense_bytes`` is the size of
-    ``torch.save(state_dict)``, ``ratio = dense_bytes / file_bytes``; ``nonzeros`` and ``numel``
-    count every floating tensor, the ``weight_*`` keys the tensors of 2 or more dimensions (the
-    conv and linear weights), ``weight_density = weight_nonzeros / weight_numel``.
+    Returns :func:`write_export`'s report with ``"source"`` added. ``tracking_uri`` is where a
+    run id is looked up; its default gives way to ``MLFLOW_TRACKING_URI``.
     """
+    from distrib_rda.tracking import default_tracking_uri
+
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"--out {out}: is a directory; give a file name")
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists; pass --force to overwrite it")
     with tempfile.TemporaryDirectory() as tmp:
-        path = resolve_source(str(source), tracking_uri, Path(tmp))
-        state, config, model_args = read_checkpoint(path)
-    tensors = {name: encode(tensor) for name, tensor in state.items()}
-    write_atomic({"format": FORMAT, "config": config, "model_args": model_args,
-                  "tensors": tensors}, out, force=force)
-
-    floats = [t for t in state.values() if t.is_floating_point()]
-    weights = [t for t in floats if t.dim() >= 2]
-    report = {
-        "source": str(source), "out": str(out),
-        "file_bytes": out.stat().st_size, "dense_bytes": saved_size(state),
-        "nonzeros": count_nonzero(floats), "numel": sum(t.numel() for t in floats),
-        "weight_nonzeros": count_nonzero(weights), "weight_numel": sum(t.numel() for t in weights),
-    }
-    report["ratio"] = report["dense_bytes"] / report["file_bytes"]
-    report["weight_density"] = report["weight_nonzeros"] / max(report["weight_numel"], 1)
+        path = resolve_source(str(source), default_tracking_uri(tracking_uri), Path(tmp))
+        state, config, model_args, preprocessing = read_source(path)
+    report = {"source": str(source), **write_export(
+        state, out=out, config=config, model_args=model_args, preprocessing=preprocessing,
+        force=force)}
     print(f"exported {source} -> {out}\n"
           f"  conv/linear weights: {report['weight_nonzeros']:,} non-zeros of "
           f"{report['weight_numel']:,} ({report['weight_density']:.2%})\n"
@@ -86,8 +87,48 @@ def export_sparse(source: str | os.PathLike, out: str | os.PathLike, *,
     return report
 
 
+def write_export(state: dict[str, torch.Tensor], *, out: str | os.PathLike,
+                 config: dict | None, model_args: dict | None = None,
+                 preprocessing: dict | None = None, force: bool = False) -> dict[str, Any]:
+    """Write ``state``'s non-zeros to ``out`` (module docstring); return the sizes.
+
+    Returns ``{"out", "file_bytes", "dense_bytes", "ratio", "nonzeros", "numel",
+    "weight_nonzeros", "weight_numel", "weight_density"}``: ``dense_bytes`` is the size of
+    ``torch.save(state_dict)``, ``ratio = dense_bytes / file_bytes``; ``nonzeros`` and ``numel``
+    count every floating tensor, the ``weight_*`` keys the tensors of 2 or more dimensions (the
+    conv and linear weights), ``weight_density = weight_nonzeros / weight_numel``.
+    """
+    out = Path(out)
+    tensors = {name: encode(tensor) for name, tensor in state.items()}
+    write_atomic({"format": FORMAT, "config": portable_config(config), "model_args": model_args,
+                  "preprocessing": preprocessing, "tensors": tensors}, out, force=force)
+    floats = [t for t in state.values() if t.is_floating_point()]
+    weights = [t for t in floats if t.dim() >= 2]
+    report = {
+        "out": str(out), "file_bytes": out.stat().st_size, "dense_bytes": saved_size(state),
+        "nonzeros": count_nonzero(floats), "numel": sum(t.numel() for t in floats),
+        "weight_nonzeros": count_nonzero(weights), "weight_numel": sum(t.numel() for t in weights),
+    }
+    report["ratio"] = report["dense_bytes"] / report["file_bytes"]
+    report["weight_density"] = report["weight_nonzeros"] / max(report["weight_numel"], 1)
+    return report
+
+
+def portable_config(config: dict | None) -> dict | None:
+    """``config`` without what ties it to one machine: the keys of ``LOCAL_KEYS``, and the
+    directory of an ``imagefolder:PATH`` dataset (its last component is kept)."""
+    if config is None:
+        return None
+    kept = {key: value for key, value in config.items() if key not in LOCAL_KEYS}
+    dataset = kept.get("dataset")
+    if isinstance(dataset, str) and dataset.startswith("imagefolder:"):
+        kept["dataset"] = "imagefolder:" + Path(dataset.removeprefix("imagefolder:")).name
+    return kept
+
+
 def load_sparse_model(path: str | os.PathLike) -> torch.nn.Module:
-    """Rebuild the dense model of an export made from a training checkpoint or run."""
+    """Rebuild the dense model of an export made from a training checkpoint or run, in eval
+    mode. Its input is ``read_export(path)["preprocessing"]`` applied to raw pixels."""
     from distrib_rda.models import build_model
 
     state, config = load_sparse(path)
@@ -97,15 +138,21 @@ def load_sparse_model(path: str | os.PathLike) -> torch.nn.Module:
                           "load the state_dict from load_sparse()")
     model = build_model(config["model"], **model_args)
     model.load_state_dict(state)
-    return model
+    return model.eval()
 
 
 def load_sparse(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The dense state_dict and the config of a file written by :func:`export_sparse`."""
+    data = read_export(path)
+    return {name: decode(entry) for name, entry in data["tensors"].items()}, data["config"]
+
+
+def read_export(path: str | os.PathLike) -> dict[str, Any]:
+    """The whole export file as plain data (``torch.load(weights_only=True)``), checked."""
     data = torch_load(Path(path))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ExportError(f"{path}: not a sparse export (expected format {FORMAT!r})")
-    return {name: decode(entry) for name, entry in data["tensors"].items()}, data["config"]
+    return data
 
 
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
@@ -173,26 +220,34 @@ def resolve_source(source: str, tracking_uri: str, tmp: Path) -> Path:
 
 
 def download_run_model(run_id: str, tracking_uri: str, tmp: Path) -> Path:
-    """Download run ``run_id``'s ``model/model.pt``; a missing store or run is a UserError."""
+    """Download run ``run_id``'s sparse export, or the ``model/model.pt`` of an older run; a
+    missing store or run is a UserError."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
         raise ExportError(f"{run_id}: no such file, and no MLflow store at {tracking_uri} "
                           "to look the run up in (pass --tracking-uri)")
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=RUN_ARTIFACT, tracking_uri=tracking_uri, dst_path=str(tmp))
-    except (MlflowException, OSError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ExportError(f"{run_id}: no such file, and no MLflow run with an artifact "
-                          f"{RUN_ARTIFACT} in {tracking_uri}: {first_line}") from None
-    return Path(local)
+    error_line = ""
+    for artifact in (RUN_SPARSE_ARTIFACT, RUN_ARTIFACT):
+        try:
+            return Path(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, tracking_uri=tracking_uri,
+                dst_path=str(tmp)))
+        except (MlflowException, OSError) as error:
+            error_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise ExportError(f"{run_id}: no such file, and no MLflow run with an artifact "
+                      f"{RUN_SPARSE_ARTIFACT} or {RUN_ARTIFACT} in {tracking_uri}: {error_line}")
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None]:
-    """The model state_dict, config and model arguments of a checkpoint or run-model file."""
+def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict | None,
+                                     dict | None]:
+    """The model state_dict, config, model arguments and preprocessing of a checkpoint, an
+    older run's ``model.pt``, or a sparse export."""
     data = torch_load(path)
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        state = {name: decode(entry) for name, entry in data["tensors"].items()}
+        return state, data.get("config"), data.get("model_args"), data.get("preprocessing")
     state = data.get("model") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(
         isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items()
@@ -201,7 +256,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, d
     config = data.get("config")
     if config is not None and not isinstance(config, dict):
         raise ExportError(f"{path}: 'config' must be a dict, not {type(config).__name__}")
-    return state, config, data.get("model_args")
+    return state, config, data.get("model_args"), data.get("preprocessing")
 
 
 def write_atomic(payload: Any, out: Path, *, force: bool) -> None:

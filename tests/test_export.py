@@ -16,7 +16,14 @@ from torch import nn
 from distrib_rda.cli import main
 from distrib_rda.config import TrainConfig
 from distrib_rda.errors import UserError
-from distrib_rda.export import decode, encode, export_sparse, load_sparse, saved_size
+from distrib_rda.export import (
+    LOCAL_KEYS,
+    decode,
+    encode,
+    export_sparse,
+    load_sparse,
+    saved_size,
+)
 from distrib_rda.models import build_model
 
 
@@ -113,13 +120,16 @@ def test_exports_an_mlflow_run_model(tmp_path, tracking_uri):
     assert report["file_bytes"] < report["dense_bytes"]
     dense, config = load_sparse(tmp_path / "out.pt")
     assert_same_state(dense, model.state_dict())
-    assert config == TrainConfig().model_dump(mode="json")
+    # the run's config, less where it ran: no storage, cache or store path
+    assert config == {key: value for key, value in TrainConfig().model_dump(mode="json").items()
+                      if key not in LOCAL_KEYS}
+    assert {"storage", "cache_dir", "tracking_uri", "data_root"}.isdisjoint(config)
 
     with pytest.raises(UserError, match="0123456789abcdef0123456789abcdef.*no MLflow run"):
         export_sparse("0123456789abcdef0123456789abcdef", tmp_path / "x.pt",
                       tracking_uri=tracking_uri)
     empty_run = client.create_run(experiment).info.run_id
-    with pytest.raises(UserError, match="model/model.pt"):
+    with pytest.raises(UserError, match="sparse/model-sparse.pt or model/model.pt"):
         export_sparse(empty_run, tmp_path / "x.pt", tracking_uri=tracking_uri)
     assert not (tmp_path / "x.pt").exists()
 

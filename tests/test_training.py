@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from distrib_rda.cli import main
+from distrib_rda.export import load_sparse
 from distrib_rda.training import checkpoint
 
 
@@ -45,9 +45,10 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert run.data.metrics["accuracy"] == pytest.approx(result["accuracy"])
 
-    model_file = client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path))
-    saved = torch.load(model_file, weights_only=True)
-    weights = [v for k, v in saved["model"].items() if k.endswith("weight") and v.dim() > 1]
+    sparse_file = client.download_artifacts(run.info.run_id, "sparse/model-sparse.pt",
+                                            str(tmp_path))
+    saved, _ = load_sparse(sparse_file)
+    weights = [v for k, v in saved.items() if k.endswith("weight") and v.dim() > 1]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros / sum(w.numel() for w in weights) == pytest.approx(result["sparsity"])
     assert "conv1" in json.loads(open(client.download_artifacts(
@@ -161,3 +162,4 @@ def test_ray_train_report_logging_is_quieted():
     quiet_report_logging()
     assert not report_logger.isEnabledFor(logging.INFO)
     assert report_logger.isEnabledFor(logging.WARNING)
+

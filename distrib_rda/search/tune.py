@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 from ray import tune
 from ray.tune import CLIReporter
 from rich.console import Console
@@ -52,7 +51,7 @@ SEARCH_FILE = "search.json"
 # some resource, so it reserves memory, not a CPU that a Train worker could use.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 128 * 1024**2}
 # Keys a resumed search may change; any other change to the space file or flags is refused.
-RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers"}
+RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers", "register"}
 
 
 def run_search(space_path: Path | str, *, trials: int | None = None,
@@ -67,9 +66,8 @@ def run_search(space_path: Path | str, *, trials: int | None = None,
     """
     spec = load_space(space_path, overrides=overrides, trials=trials,
                       max_concurrent=max_concurrent)
-    spec.base = spec.base.replace(
-        tracking_uri=tracking.resolve_tracking_uri(spec.base.tracking_uri),
-        storage=Path(spec.base.storage).expanduser().resolve())
+    # Where the records go is settled first: a Ray job without a usable place is refused here.
+    spec.base = tracking.resolve_locations(spec.base)
     cfg = spec.base
     search_dir = cfg.storage / spec.name
     state_file = search_dir / SEARCH_FILE
@@ -248,54 +246,38 @@ def _check_resume(state_file: Path, spec: SearchSpec, client) -> str:
 
 def _run_trial(config: dict[str, Any], *, spec: SearchSpec, parent_run_id: str,
                search_dir: str) -> None:
-    """One trial: train ``config`` with Ray Train into this trial's MLflow child run."""
+    """One trial: train ``config`` with Ray Train into this trial's MLflow child run, through
+    the same run lifecycle as ``distrib-rda train``."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from distrib_rda.data import ensure_converted
     from distrib_rda.training import build_trainer
-    from distrib_rda.training.driver import record_result, root_cause
 
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     cfg = spec.trial_config(config).replace(name=f"{spec.name}-{trial_id}")
-    client = tracking.client_for(cfg.tracking_uri)
     run_key = f"{parent_run_id}/{trial_id}"
 
-    done = _finished_child(client, cfg.experiment, run_key)
+    done = tracking.finished_result(cfg, run_key)
     if done is not None:
         # Tune's saved state predates this trial's end: report its result, do not retrain.
-        epochs = tracking.logged_epochs(client, done.info.run_id)
-        tune.report({**done.data.metrics, "epoch": max(epochs, default=0)})
+        tune.report(done)
         return
 
-    run_id = tracking.start_run(cfg, run_key=run_key, run_name=trial_name,
-                                parent_run_id=parent_run_id)
-    client.set_tag(run_id, TRIAL_TAG, trial_id)
-    trainer = build_trainer(cfg, mlflow_run_id=run_id, callbacks=[TuneReportCallback()],
+    beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
+                                 cache_dir=cfg.cache_dir)
+    run = tracking.TrackedRun.start(cfg, run_key=run_key, run_name=trial_name,
+                                    parent_run_id=parent_run_id, beton_dir=beton_dir)
+    run.client.set_tag(run.run_id, TRIAL_TAG, trial_id)
+    trainer = build_trainer(cfg, callbacks=[run.callback(), TuneReportCallback()],
                             storage_path=Path(search_dir) / "trials", name=trial_id)
     started = time.time()
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as error:
-        tracking.mark_failed(cfg, run_id)
-        raise RuntimeError(f"trial {trial_name} failed: {root_cause(error)}") from error
-
-    _, state = record_result(cfg, run_id, result, started=started)
+    result = run.fit(trainer, what=f"trial {trial_name}")
+    _, state = run.finish(result.checkpoint, started=started)
     last = state["history"][-1]
     # The final epoch once more, read from the checkpoint: a trial resumed after its last
     # epoch was checkpointed trains nothing, and Tune must still see its result.
     tune.report({key: value for key, value in last.items() if isinstance(value, (int, float))})
-
-
-def _finished_child(client, experiment: str, run_key: str):
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs([found.experiment_id],
-                              filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'",
-                              max_results=1)
-    if runs and runs[0].info.status == "FINISHED":
-        return runs[0]
-    return None
 
 
 def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
@@ -355,7 +337,8 @@ def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
         console.print(f"[yellow]{errored} trial(s) failed; their errors are in "
                       f"{search_dir}; --resume retries them[/yellow]")
     console.print(f"MLflow parent run {parent_run_id} (experiment '{cfg.experiment}'): "
-                  f"pareto.png, pareto.json; view with: {tracking.ui_hint(cfg.tracking_uri)}")
+                  f"pareto.png, pareto.json; view with: "
+                  f"{tracking.ui_hint(cfg.tracking_uri, experiment_id, parent_run_id)}")
     return {"parent_run_id": parent_run_id, "search_dir": str(search_dir),
             "trials": len(trial_ids) if trial_ids is not None else len(points),
             "finished": len(points), "errored": errored, "lost": lost,

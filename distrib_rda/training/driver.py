@@ -1,18 +1,17 @@
-"""The driver: starts or joins Ray, runs the TorchTrainer, and closes the MLflow run."""
+"""The driver: starts or joins Ray and runs the TorchTrainer inside the run's MLflow lifecycle
+(:class:`distrib_rda.tracking.TrackedRun`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -20,7 +19,7 @@ from distrib_rda import tracking
 from distrib_rda.config import TrainConfig
 from distrib_rda.data import ensure_converted
 from distrib_rda.errors import UserError
-from distrib_rda.training import checkpoint
+from distrib_rda.tracking import TrainingError
 from distrib_rda.training.loop import train_loop_per_worker
 
 CONFIG_FILE = "distrib_rda_config.json"
@@ -32,12 +31,10 @@ WORKER_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-# Keys that may change when a job is resumed; any other change is refused.
-RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers"}
-
-
-class TrainingError(UserError):
-    """The run failed; the message gives the cause."""
+# Keys that may change when a job is resumed; any other change is refused. A finished run
+# rerun with --register NAME is registered without training again.
+RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers", "register"}
+__all__ = ["TrainingError", "build_trainer", "run_training"]
 
 
 def connect(address: str | None) -> None:
@@ -101,9 +98,10 @@ def check_resume(cfg: TrainConfig, directory: Path) -> None:
         saved_file.write_text(json.dumps(current, indent=2))
 
 
-def build_trainer(cfg: TrainConfig, *, mlflow_run_id: str, callbacks=(),
-                  storage_path: Path | str | None = None, name: str | None = None) -> TorchTrainer:
-    """A TorchTrainer whose workers train ``cfg`` and whose controller logs to MLflow."""
+def build_trainer(cfg: TrainConfig, *, callbacks=(), storage_path: Path | str | None = None,
+                  name: str | None = None) -> TorchTrainer:
+    """A TorchTrainer whose workers train ``cfg``; ``callbacks`` run on its controller (the
+    tracked run's, which logs the epochs to MLflow, among them)."""
     storage, default_name = run_directory(cfg)
     return TorchTrainer(
         train_loop_per_worker,
@@ -117,28 +115,19 @@ def build_trainer(cfg: TrainConfig, *, mlflow_run_id: str, callbacks=(),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=[tracking.MlflowMetricsCallback(cfg.tracking_uri, mlflow_run_id),
-                       *callbacks],
+            callbacks=list(callbacks),
         ),
     )
 
 
-def root_cause(error: BaseException) -> str:
-    """The innermost worker error's last line, e.g. ``NonFiniteError: ... step 12 ...``."""
-    text = str(error)
-    for line in reversed(text.splitlines()):
-        if "Error" in line and ":" in line:
-            return line.strip()
-    return text.splitlines()[-1] if text else type(error).__name__
-
-
 def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train, record it in MLflow, and print a summary."""
-    cfg = cfg.replace(tracking_uri=tracking.resolve_tracking_uri(cfg.tracking_uri))
+    # Where the records go is settled first: a Ray job without a usable place is refused here.
+    cfg = tracking.resolve_locations(cfg)
     # Converting here checks the source before Ray starts, with progress in this terminal;
     # workers on other nodes convert into their own node's cache.
-    ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
-                     cache_dir=cfg.cache_dir)
+    beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
+                                 cache_dir=cfg.cache_dir)
     tracking.check_reachable(cfg.tracking_uri)
     storage, name = run_directory(cfg)
     cfg = cfg.replace(name=name)
@@ -146,70 +135,17 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     check_resume(cfg, directory)
     connect(cfg.address)
     check_resources(cfg)
-    run_id = tracking.start_run(cfg, run_key=str(directory), run_name=name)
+    run = tracking.TrackedRun.start(cfg, run_key=str(directory), run_name=name,
+                                    beton_dir=beton_dir)
 
     started = time.time()
-    trainer = build_trainer(cfg, mlflow_run_id=run_id)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as error:
-        tracking.mark_failed(cfg, run_id)
-        raise TrainingError(f"training failed: {root_cause(error)}; the last good checkpoint "
-                            f"is kept in {directory}, rerun the same command to resume") from None
-    summary, state = record_result(cfg, run_id, result, started=started)
-    print_summary(cfg, summary, dense=dense_count(state["model"]))
+    result = run.fit(build_trainer(cfg, callbacks=[run.callback()]),
+                     then=f"the last good checkpoint is kept in {directory}, rerun the same "
+                          "command to resume")
+    summary, _ = run.finish(result.checkpoint, started=started,
+                            register=getattr(cfg, "register", None))
+    tracking.print_summary(cfg, summary)
     if json_output:
         print(json.dumps({key: summary[key] for key in
                           ("run_id", "accuracy", "sparsity", "nonzeros", "epochs", "seconds")}))
     return summary
-
-
-def record_result(cfg: TrainConfig, run_id: str, result: ray.train.Result, *,
-                  started: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Close the MLflow run from the final checkpoint; returns the summary and that state.
-
-    If the store is unreachable, the run stays open and a warning says how to replay it: the
-    checkpoint holds every epoch's metrics.
-    """
-    with result.checkpoint.as_directory() as final:
-        state = checkpoint.load(final)
-    history = state["history"]
-    last = history[-1]
-    summary = {
-        "run_id": run_id, "accuracy": last["accuracy"], "sparsity": last["sparsity"],
-        "nonzeros": last["nonzeros"], "epochs": last["epoch"],
-        "seconds": round(time.time() - started, 1), "checkpoint": result.checkpoint.path,
-    }
-    layers = {key.removeprefix("sparsity/"): value for key, value in last.items()
-              if key.startswith("sparsity/")}
-    try:
-        tracking.finish_run(cfg, run_id, history=history, model_state=state["model"],
-                            model_args=state["model_args"], layer_sparsity=layers,
-                            summary=summary)
-    except Exception as error:  # noqa: BLE001 - the model is trained; only the record waits
-        print(f"warning: MLflow at {cfg.tracking_uri} is unreachable ({type(error).__name__}); "
-              f"every epoch is kept in {summary['checkpoint']}: rerun the same command once "
-              "the store is back, and it logs what is missing without training again",
-              file=sys.stderr)
-    return summary, state
-
-
-def dense_count(model_state: dict[str, Any]) -> int:
-    """Conv and linear weights: the only parameters of two or more dimensions here."""
-    return sum(value.numel() for key, value in model_state.items()
-               if key.endswith(".weight") and value.dim() > 1)
-
-
-def print_summary(cfg: TrainConfig, summary: dict[str, Any], dense: int) -> None:
-    print(
-        f"\n{cfg.model} on {cfg.dataset} with {cfg.optimizer}, {summary['epochs']} epochs, "
-        f"{summary['seconds']:.0f}s\n"
-        f"  accuracy   {summary['accuracy']:.2%}\n"
-        f"  sparsity   {summary['sparsity']:.2%}  ({summary['nonzeros']:,} non-zeros of "
-        f"{dense:,} conv/linear weights)\n"
-        f"  checkpoint {summary['checkpoint']}\n"
-        f"  MLflow     run {summary['run_id']} in experiment '{cfg.experiment}' at "
-        f"{cfg.tracking_uri}\n"
-        f"             view it with: {tracking.ui_hint(cfg.tracking_uri)}",
-        flush=True,
-    )

@@ -21,6 +21,7 @@ from distrib_rda.config import TrainConfig
 from distrib_rda.data import build_loaders, ensure_converted
 from distrib_rda.models import build_model
 from distrib_rda.sparsity import layer_sparsity, nonzeros, sparsity
+from distrib_rda.tracking import preprocessing_of
 from distrib_rda.training import checkpoint
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.optimizers import OptimizerParts, build_finetune, build_optimizer
@@ -94,6 +95,14 @@ def epoch_metrics(module: nn.Module, epoch: int, train_loss: float, accuracy: fl
     return metrics
 
 
+def first_images(loader, count: int = 2) -> torch.Tensor | None:
+    """The first ``count`` images of ``loader`` (normalized, on the CPU): the input example of
+    the logged MLflow Model."""
+    for images, _ in loader:
+        return images[:count].detach().cpu().clone()
+    return None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     quiet_report_logging()
     cfg = TrainConfig.build(**config)
@@ -139,6 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parts.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
     dual = LocalDualAveraging(parts.optimizer, every=cfg.sync_every)
+    example = first_images(loaders.test) if rank == 0 else None
 
     for epoch in range(start_epoch + 1, total_epochs + 1):
         if epoch in cfg.restart and hasattr(parts.optimizer, "restart"):
@@ -178,7 +188,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "model": module.state_dict(), "optimizer": parts.state_dict(), "epoch": epoch,
                 "rng": checkpoint.rng_state(), "history": history,
                 "config": cfg.model_dump(mode="json"), "model_args": model_args,
-                "world_size": world_size,
+                "world_size": world_size, "preprocessing": preprocessing_of(loaders.meta),
+                "example": example,
             })
         else:
             ray.train.report(metrics)
