@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 
+import mlflow
+import mlflow.pytorch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from distrib_rda.cli import main
+from distrib_rda.config import TrainConfig
 from distrib_rda.export import load_sparse
-from distrib_rda.training import checkpoint
+from distrib_rda.models import build_model
+from distrib_rda.training import checkpoint, run_training
 
 
 def train_args(tmp_path, beton_cache, tracking_uri, *extra: str) -> list[str]:
@@ -163,3 +168,29 @@ def test_ray_train_report_logging_is_quieted():
     assert not report_logger.isEnabledFor(logging.INFO)
     assert report_logger.isEnabledFor(logging.WARNING)
 
+
+def test_reported_accuracy_is_the_saved_models_with_batchnorm(ray_local, tmp_path, beton_cache,
+                                                              tracking_uri):
+    """Two workers, ResNet-20 (BatchNorm): every rank evaluates with rank 0's buffers, so the
+    accuracy reported for the last epoch is that of the checkpoint, evaluated alone in one
+    process over the whole test set. The logged MLflow Model predicts what it predicts."""
+    from distrib_rda.data import build_loaders, ensure_converted
+    from distrib_rda.training.loop import evaluate
+
+    summary = run_training(TrainConfig.build(
+        model="resnet20", subset=512, batch_size=64, epochs=1, workers=2, loader_workers=1,
+        cache_dir=beton_cache, storage=tmp_path / "results", tracking_uri=tracking_uri,
+        experiment="batchnorm", name="bn"))
+    state = checkpoint.load(summary["checkpoint"])
+    model = build_model("resnet20", **state["model_args"])
+    model.load_state_dict(state["model"])
+    loaders = build_loaders(ensure_converted("fashion-mnist", cache_dir=beton_cache),
+                            batch_size=200, seed=0, num_workers=1)
+    accuracy, _ = evaluate(model, loaders.test, torch.device("cpu"))
+    assert accuracy == summary["accuracy"]
+
+    mlflow.set_tracking_uri(tracking_uri)
+    loaded = mlflow.pytorch.load_model(f"runs:/{summary['run_id']}/model")
+    images = torch.cat([state["example"], torch.randn(3, 1, 28, 28)])
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model.eval()(images))

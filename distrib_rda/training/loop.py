@@ -68,8 +68,22 @@ def train_step(model: nn.Module, parts: OptimizerParts, dual: LocalDualAveraging
 
 
 @torch.no_grad()
+def take_rank0_buffers(module: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics), the ones its
+    checkpoint saves. The weights agree across ranks already; the buffers do not, since each
+    rank updates them with its own batches after DDP last broadcast them."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, test_loader, device: torch.device) -> tuple[float, float]:
-    """Exact accuracy and loss over the whole test set: each rank holds a disjoint part."""
+    """Exact accuracy and loss over the whole test set: each rank holds a disjoint part.
+
+    Every rank evaluates the same model, rank 0's (:func:`take_rank0_buffers`): the reported
+    accuracy is the accuracy of the model that is saved."""
+    take_rank0_buffers(model)
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     for images, labels in test_loader:
