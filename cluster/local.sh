@@ -13,8 +13,12 @@
 #
 # Everything lives in the state directory (default: .cluster/ in the repository, override with
 # --state-dir or DISTRIB_RDA_CLUSTER_DIR): the auth token, the MLflow database and artifacts,
-# the logs of this script, the process groups it started, and a link (STATE/ray) to the nodes'
-# Ray temp dirs, which live under a short private path in /tmp (unix socket paths are short).
+# the jobs' checkpoints (STATE/results), the logs of this script, the process groups it
+# started, and a link (STATE/ray) to the nodes' Ray temp dirs, which live under a short private
+# path in /tmp (unix socket paths are short). Every node runs with MLFLOW_TRACKING_URI (the
+# server) and DISTRIB_RDA_STORAGE (STATE/results) in its environment, and so does every job's
+# driver: a `distrib-rda` job submitted without --tracking-uri or --storage records there, not
+# in Ray's temporary copy of its working directory, and its run outlives the cluster.
 # Ray token authentication stays on: `start` writes a random token to STATE/auth_token (mode
 # 600), and every node and every client you point at the cluster use it through
 # RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (source STATE/env.sh). ~/.ray/auth_token is
@@ -133,7 +137,7 @@ MARKER="DISTRIB_RDA_LOCAL_CLUSTER=$STATE"
 unset DISTRIB_RDA_LOCAL_CLUSTER
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
-unset RAY_AUTH_TOKEN RAY_ADDRESS RAY_API_SERVER_ADDRESS
+unset RAY_AUTH_TOKEN RAY_ADDRESS RAY_API_SERVER_ADDRESS MLFLOW_TRACKING_URI DISTRIB_RDA_STORAGE
 
 # --- process bookkeeping -------------------------------------------------------------------
 
@@ -285,11 +289,13 @@ export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+export DISTRIB_RDA_STORAGE=$STATE/results
 EOF
   cat >"$STATE/addresses" <<EOF
 gcs=$GCS_ADDRESS
 dashboard=http://127.0.0.1:$DASHBOARD_PORT
 mlflow=http://127.0.0.1:$MLFLOW_PORT
+storage=$STATE/results
 EOF
 }
 
@@ -301,6 +307,7 @@ $GPUS_PER_WORKER GPUs each)
   Ray address (--address, RAY_ADDRESS):   $GCS_ADDRESS
   Dashboard and job API (127.0.0.1 only): http://127.0.0.1:$DASHBOARD_PORT
   MLflow tracking URI (127.0.0.1 only):   http://127.0.0.1:$MLFLOW_PORT
+  Checkpoints (DISTRIB_RDA_STORAGE):      $STATE/results
   State, logs, token:                     $STATE
 
 Token authentication is on. In each shell that talks to this cluster:
@@ -310,10 +317,11 @@ which sets
   export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
   export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT   # for ray job ...
   export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+  export DISTRIB_RDA_STORAGE=$STATE/results
 
-Submit a job (from the repository root, with .venv/bin on PATH):
-  ray job submit --working-dir . -- distrib-rda train --workers $WORKERS --epochs 1 --subset 2000 \\
-      --tracking-uri http://127.0.0.1:$MLFLOW_PORT --storage "\$PWD/results" --json
+Submit a job (from the repository root, with .venv/bin on PATH). Every node and job has the
+variables above, so the job records in the MLflow server and in $STATE/results:
+  ray job submit --working-dir . -- distrib-rda train --workers $WORKERS --epochs 1 --subset 2000 --json
 
 Stop everything this script started:
   cluster/local.sh stop
@@ -375,6 +383,10 @@ do_start() {
     --workers 1
   local mlflow_pid=$LAUNCHED
 
+  # Every node, and so every job driver and Train controller, records in the server and in
+  # STATE/results unless a command says otherwise.
+  mkdir -p "$STATE/results"
+  export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT DISTRIB_RDA_STORAGE=$STATE/results
   echo "Starting the head node (logs: $LOGS/head.log)"
   launch head "$LOGS/head.log" ray start --head --port="$GCS_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \

@@ -2,10 +2,12 @@
 multi-node Ray cluster on this machine (cluster/local.sh) that runs `distrib-rda train` jobs.
 
 The end-to-end test starts a head and two worker nodes with token authentication and an MLflow
-server, submits a short training run with `ray job submit`, and checks that the run's two Train
-workers ran on the two worker nodes, that MLflow holds the run, and that `local.sh stop` leaves
-no process behind. Every Ray call goes through a subprocess with the cluster's token, so this
-test process never joins the cluster nor changes its own Ray settings.
+server, submits a short training run with `ray job submit` without --tracking-uri or --storage,
+and checks that the run's two Train workers ran on the two worker nodes, that MLflow holds the
+run, that `local.sh stop` leaves no process behind, and that the run, its model and its
+checkpoint are still there once the cluster is gone. Every Ray call goes through a subprocess
+with the cluster's token, so this test process never joins the cluster nor changes its own Ray
+settings.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import time
 from pathlib import Path
 
 import jsonschema
+import mlflow.pytorch
 import pytest
 import ray
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from distrib_rda.cli import build_parser
+from distrib_rda.models import build_model
+from distrib_rda.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -78,6 +84,9 @@ def test_launcher_config_keeps_ray_private_and_authenticated(name):
     for commands in (head_start, worker_start):
         assert "export RAY_AUTH_MODE=token" in commands
         assert "MLFLOW_TRACKING_PASSWORD" in commands
+        # every job's default store and storage: the head's MLflow and the shared file system
+        assert "MLFLOW_TRACKING_URI=http://ray-head:5000" in commands
+        assert "DISTRIB_RDA_STORAGE=/mnt/shared/" in commands
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "cluster/head-mlflow.sh" in head_start
@@ -127,6 +136,8 @@ def check_ray_cluster_spec(spec: dict) -> None:
         env = {item["name"]: item for item in container["env"]}
         password = env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert password == {"name": "distrib-rda-ray-token", "key": "auth_token"}
+        assert env["MLFLOW_TRACKING_URI"]["value"] == "http://distrib-rda-mlflow:5000"
+        assert env["DISTRIB_RDA_STORAGE"]["value"].startswith("/mnt/shared/")
         mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
         assert "/mnt/shared" in mounts, "Ray Train needs storage that every node sees"
 
@@ -238,19 +249,23 @@ def test_local_cluster_runs_a_training_job_across_nodes(local_cluster, beton_cac
     refused = run([BIN / "ray", "job", "list", "--address", dashboard], anonymous, timeout=120)
     assert refused.returncode != 0 and "Unauthorized" in refused.stdout + refused.stderr
 
+    # No --tracking-uri, no --storage: the job runs in Ray's temporary copy of this directory,
+    # and takes the cluster's MLflow server and storage from its environment.
     submission = "cluster-e2e"
     job = run([BIN / "ray", "job", "submit", "--address", dashboard, "--submission-id", submission,
                "--working-dir", ".", "--",
                "distrib-rda", "train", "--workers", 2, "--epochs", 1, "--subset", 1024,
                "--batch-size", 128, "--loader-workers", 1, "--json",
-               "--tracking-uri", mlflow_uri, "--experiment", "cluster-e2e", "--name", "e2e",
-               "--storage", tmp_path / "results", "--cache-dir", beton_cache], env, timeout=600)
+               "--experiment", "cluster-e2e", "--name", "e2e", "--cache-dir", beton_cache],
+              env, timeout=600)
     output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
     seconds["job"] = time.monotonic() - started - sum(seconds.values())
     summary = json.loads([line for line in job.stdout.splitlines()
                           if line.startswith("{") and '"run_id"' in line][-1])
     assert summary["epochs"] == 1 and 0.0 <= summary["sparsity"] <= 1.0 and summary["nonzeros"] > 0
+    assert f"checkpoint {state / 'results' / 'e2e'}" in job.stdout
+    assert f"at {mlflow_uri}" in job.stdout and "working_dir_files" not in job.stdout
 
     # The two Train workers of this job ran on the two worker nodes, not on the head.
     (this_job,) = [j for j in ray_json(["list", "jobs", "--address", dashboard], env)
@@ -282,5 +297,25 @@ def test_local_cluster_runs_a_training_job_across_nodes(local_cluster, beton_cac
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert processes_of(state, ray_tmp) == []
     seconds["stop"] = time.monotonic() - stopping
+
+    # Nothing is lost with the cluster: the server's store, the model it logged, and the
+    # checkpoint are on disk in the state dir, read here without any server.
+    client = MlflowClient(tracking_uri=f"sqlite:///{state}/mlflow.db")
+    kept = client.get_run(summary["run_id"])
+    assert kept.info.status == "FINISHED" and kept.info.run_name == "e2e"
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "accuracy")] == [1]
+    (logged,) = client.search_logged_models([kept.info.experiment_id],
+                                            filter_string=f"source_run_id = '{summary['run_id']}'")
+    (model_dir,) = {path.parent for path in (state / "mlartifacts").rglob("MLmodel")
+                    if logged.model_id in str(path)}
+    assert list((state / "mlartifacts").rglob("model-sparse.pt"))
+    (final,) = sorted((state / "results" / "e2e").rglob(checkpoint.CHECKPOINT_FILE))[-1:]
+    saved = checkpoint.load(final)
+    model = build_model("lenet5", **saved["model_args"])
+    model.load_state_dict(saved["model"])
+    images = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(mlflow.pytorch.load_model(str(model_dir))(images),
+                           model.eval()(images))
     print("local cluster, seconds:", {key: round(value) for key, value in seconds.items()},
           f"total {time.monotonic() - started:.0f}")
