@@ -20,11 +20,11 @@ from ray.util.state import list_actors
 
 from distrib_rda.cli import main
 from distrib_rda.config import TrainConfig
+from distrib_rda.optim.parts import OptimizerParts
 from distrib_rda.training import checkpoint, run_training
 from distrib_rda.training.driver import TrainingError
 from distrib_rda.training.dual_sync import LocalDualAveraging
 from distrib_rda.training.loop import NonFiniteError, train_step
-from distrib_rda.optim.parts import OptimizerParts
 
 
 def config(tmp_path, beton_cache, tracking_uri, **changes) -> TrainConfig:

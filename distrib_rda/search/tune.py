@@ -54,18 +54,20 @@ TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 128 * 1024**2}
 RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers", "register"}
 
 
-def run_search(space_path: Path | str, *, trials: int | None = None,
+def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
                max_concurrent: int | None = None, resume: bool = False,
                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run (or with ``resume``, continue) the search that ``space_path`` describes.
+    """Run (or with ``resume``, continue) the search that ``space`` (a loaded spec, or the
+    path of a space file) describes.
 
-    ``overrides`` are training-config keys given as flags; they fix those keys for every trial.
+    ``overrides`` are training-config keys given as flags; they fix those keys for every trial
+    (with a path; a loaded spec has them already).
     Returns ``{"parent_run_id", "search_dir", "trials", "finished", "errored", "lost",
     "front"}``: Tune's trial count, the finished and failed ones, the run ids of unfinished
     trials lost in a kill (see :func:`_retire_lost_trials`), and the front's members.
     """
-    spec = load_space(space_path, overrides=overrides, trials=trials,
-                      max_concurrent=max_concurrent)
+    spec = space if isinstance(space, SearchSpec) else load_space(
+        space, overrides=overrides, trials=trials, max_concurrent=max_concurrent)
     # Where the records go is settled first: a Ray job without a usable place is refused here.
     spec.base = tracking.resolve_locations(spec.base)
     cfg = spec.base
@@ -303,7 +305,7 @@ def finish_search(spec: SearchSpec, parent_run_id: str, search_dir: Path, *,
     y_metric, x_metric = spec.metrics  # plotted as in the paper: sparsity across, accuracy up
     y_mode, x_mode = spec.modes
     plot_points = [{x_metric: p.metrics[x_metric], y_metric: p.metrics[y_metric],
-                    "lambda_": p.params.get("lambda_")} for p in points]
+                    "knob": p.knob} for p in points]
     png = search_dir / "pareto.png"
     if points:
         title = (f"{cfg.experiment}: Pareto front of {len(points)} trials\n"

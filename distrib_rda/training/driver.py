@@ -83,7 +83,7 @@ def run_directory(cfg: TrainConfig) -> tuple[Path, str]:
 def check_resume(cfg: TrainConfig, directory: Path) -> None:
     """A job re-run under the same name must have the same config, bar RESUMABLE_KEYS."""
     saved_file = directory / CONFIG_FILE
-    current = cfg.model_dump(mode="json")
+    current = cfg.to_dict()
     if saved_file.exists():
         saved = json.loads(saved_file.read_text())
         changed = sorted(key for key in current
@@ -105,7 +105,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks=(), storage_path: Path | str | 
     storage, default_name = run_directory(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config=cfg.to_dict(),
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"GPU": 1} if cfg.gpu else {"CPU": 1}),

@@ -20,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 from distrib_rda.config import TrainConfig
 from distrib_rda.data import build_loaders, ensure_converted
 from distrib_rda.models import build_model
+from distrib_rda.optim import RDA
+from distrib_rda.optim.parts import OptimizerParts
 from distrib_rda.sparsity import layer_sparsity, nonzeros, sparsity
 from distrib_rda.tracking import preprocessing_of
 from distrib_rda.training import checkpoint
 from distrib_rda.training.dual_sync import LocalDualAveraging
-from distrib_rda.training.optimizers import OptimizerParts, build_finetune, build_optimizer
 
 # Ray Train 2.60 logs every ray.train.report() at INFO, with the whole metrics dict, under a
 # logger named by its source file: outside "ray.train", so LoggingConfig does not quiet it.
@@ -152,12 +153,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = DistributedDataParallel(module) if world_size > 1 else module
 
     steps_per_epoch = len(loaders.train)
-    total_epochs = cfg.epochs + cfg.finetune_epochs
+    total_epochs, own_epochs = cfg.epochs, cfg.optimizer_epochs
     finetune_steps = steps_per_epoch * cfg.finetune_epochs
-    if start_epoch > cfg.epochs:  # resuming inside the fine-tune
-        parts = build_finetune(cfg, module, total_steps=finetune_steps)
+    if start_epoch > own_epochs:  # resuming inside the fine-tune
+        parts = cfg.optim.build_finetune(module, total_steps=finetune_steps)
     else:
-        parts = build_optimizer(cfg, module, total_steps=steps_per_epoch * cfg.epochs)
+        parts = cfg.optim.build(module, total_steps=steps_per_epoch * own_epochs)
     if state:
         parts.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
@@ -165,12 +166,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     example = first_images(loaders.test) if rank == 0 else None
 
     for epoch in range(start_epoch + 1, total_epochs + 1):
-        if epoch in cfg.restart and hasattr(parts.optimizer, "restart"):
+        if epoch in getattr(cfg.optim, "restart", ()):
             parts.optimizer.restart()
-        if epoch == cfg.epochs + 1:
-            # The fine-tune starts (after the cut to target_sparsity, if set): the support is
-            # fixed from here.
-            parts = build_finetune(cfg, module, total_steps=finetune_steps)
+        if epoch == own_epochs + 1:
+            # The fine-tune starts: the support is fixed from here.
+            parts = cfg.optim.build_finetune(module, total_steps=finetune_steps)
             dual = LocalDualAveraging(parts.optimizer, every=1)
         started = time.perf_counter()
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
@@ -180,6 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum[0] += loss * labels.numel()
             loss_sum[1] += labels.numel()
         dual.after_step(force=True)  # every rank ends the epoch with the same weights
+        parts.settle()
         torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
@@ -187,8 +188,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         accuracy, test_loss = evaluate(module, loaders.test, device)
         metrics = epoch_metrics(module, epoch, loss_sum[0].item() / loss_sum[1].item(),
                                 accuracy, test_loss, seconds, int(loss_sum[1].item()))
-        if epoch > cfg.epochs:
-            before = history[cfg.epochs - 1]
+        if isinstance(parts.optimizer, RDA):  # the l1 strength: given, or found for a target
+            metrics["lambda"] = parts.optimizer.param_groups[0]["lambda_"]
+        if epoch > own_epochs:
+            before = history[own_epochs - 1]
             metrics["accuracy_before_finetune"] = before["accuracy"]
             metrics["sparsity_before_finetune"] = before["sparsity"]
         if not all(math.isfinite(p.abs().sum().item()) for p in module.parameters()):
@@ -201,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             report_with_checkpoint(metrics, rank, {
                 "model": module.state_dict(), "optimizer": parts.state_dict(), "epoch": epoch,
                 "rng": checkpoint.rng_state(), "history": history,
-                "config": cfg.model_dump(mode="json"), "model_args": model_args,
+                "config": cfg.to_dict(), "model_args": model_args,
                 "world_size": world_size, "preprocessing": preprocessing_of(loaders.meta),
                 "example": example,
             })
