@@ -17,11 +17,11 @@ sets :math:`\lambda` itself.
 As in ``torch.optim``, the :class:`RDA` class keeps the state and :func:`rda` does the step on
 lists of tensors, by one of three kernels: per tensor (``_single_tensor*``), multi-tensor
 (``_multi_tensor*``, ``torch._foreach_*`` ops) or generated (``_fused*``, ``torch.compile``,
-imported and compiled on first use only). :func:`rda` computes the scalars of the step once per
-bucket of tensors that share them (same device, dtype, ``t`` and ``t0``): the step size and the
-threshold ``tau``. The kernels take ``tau`` as given and end by thresholding ``u`` by it, softly
-or hard. A group with a target sparsity chooses ``tau`` as a quantile of ``|u|`` in the class,
-around :func:`rda`.
+imported and compiled on first use only; the default on CUDA). :func:`rda` computes the
+scalars of the step once per bucket of tensors that share them (same device, dtype, ``t`` and
+``t0``): the step size and the threshold ``tau``. The kernels take ``tau`` as given and end
+by thresholding ``u`` by it, softly or hard. A group with a target sparsity chooses ``tau`` as
+a quantile of ``|u|`` in the class, around :func:`rda`.
 """
 
 from __future__ import annotations
@@ -97,6 +97,20 @@ def resolve_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
             return False
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     return bool(foreach)
+
+
+def resolve_fused(fused: bool | None, foreach: bool | None, device: torch.device) -> bool:
+    """``fused=None`` (with ``foreach=None``) picks the generated kernel on CUDA when Triton is
+    there, where torch's own optimizers also take their fast path; elsewhere, or when
+    ``foreach`` names a path, the eager kernels. On the CPU the compiler would cost every
+    process seconds at its first step (benchmarks/optimizer_step.py prints how many)."""
+    if fused is not None:
+        return fused
+    if foreach is not None or device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
 
 
 def chunk_size() -> int:
@@ -279,7 +293,9 @@ class RDA(Optimizer):
             CPU, which needs a C++ compiler, and Triton on CUDA) that reads ``g``, ``G`` and
             :math:`w_1` (and ``Q``) once and writes ``G`` (``Q``) and ``w`` once, like
             ``torch.optim.SGD(fused=True)``. The first step compiles (seconds, cached on disk
-            afterwards). Off by default, as in torch; equal to the other paths up to rounding.
+            afterwards). ``None`` (the default, with ``foreach=None``): on for CUDA parameters
+            when Triton is installed, where torch's own optimizers also default to their fast
+            path, off elsewhere. Equal to the other paths up to rounding.
 
     Sparse gradients are refused (``ValueError``) at step time.
     """
@@ -573,11 +589,9 @@ def rda(
     if restart_steps is None:
         restart_steps = [0] * n
 
-    if fused:
-        single = multi = _fused_adaptive if adaptive else _fused
-    else:
-        single = _single_tensor_adaptive if adaptive else _single_tensor
-        multi = _multi_tensor_adaptive if adaptive else _multi_tensor
+    single = _single_tensor_adaptive if adaptive else _single_tensor
+    multi = _multi_tensor_adaptive if adaptive else _multi_tensor
+    generated = _fused_adaptive if adaptive else _fused
     tensor_lists = (params, grads, centers, dual_sums, sq_sums)
     for (device, _, t, t0), (tensors, steps) in _buckets(
         tensor_lists, state_steps, restart_steps, advance=grads is not None
@@ -590,13 +604,15 @@ def rda(
         else:
             beta = scalar_beta(gamma, t, warmup, power)
             scalars = {"alpha": -1.0 / beta, "tau": (t - t0) * lambda_ / beta, "hard": hard}
-        if foreach is None and not fused and device.type == "cpu":
+        if resolve_fused(fused, foreach, device):
+            generated(*tensors, **scalars)
+        elif foreach is None and device.type == "cpu":
             small, large = _split_by_size(tensors)
             if small is not None:
                 multi(*small, **scalars)
             if large is not None:
                 single(*large, **scalars)
-        elif fused or resolve_foreach(foreach, tensors[0]):
+        elif resolve_foreach(foreach, tensors[0]):
             multi(*tensors, **scalars)
         else:
             single(*tensors, **scalars)
@@ -737,7 +753,8 @@ def _multi_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma,
 
 # The fused path: torch.compile turns each loop body into one kernel per tensor, so every
 # state tensor is read once and written once. The scalars that change every step go in as
-# 0-dim tensors: Dynamo would specialize on Python floats and recompile at every step.
+# 0-dim tensors on the parameters' device: Dynamo would specialize on Python floats and
+# recompile at every step.
 
 
 def _fused_kernel(params, grads, centers, dual_sums, alpha, tau, hard):
@@ -768,19 +785,25 @@ def _compile(kernel: Callable) -> Callable:
     return _compiled[kernel]
 
 
-def _scalar(value: float, like: Tensor) -> Tensor:
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+def _scalars(like: Tensor, *values: float) -> tuple[Tensor, ...]:
+    """``values`` as 0-dim tensors of ``like``'s dtype on its device. Off the CPU they travel
+    from pinned memory by a non-blocking copy: ``torch.tensor(v, device="cuda")`` would copy
+    from pageable memory and wait for the device at every step."""
+    host = torch.tensor(values, dtype=like.dtype)
+    if like.device.type != "cpu":
+        host = host.pin_memory().to(like.device, non_blocking=True)
+    return host.unbind()
 
 
 def _fused(params, grads, centers, dual_sums, sq_sums, *, alpha, tau, hard):
     _compile(_fused_kernel)(
         [p.detach() for p in params], grads, centers, dual_sums,
-        _scalar(alpha, params[0]), _scalar(tau, params[0]), hard,
+        *_scalars(params[0], alpha, tau), hard,
     )
 
 
 def _fused_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau):
     _compile(_fused_adaptive_kernel)(
         [p.detach() for p in params], grads, centers, dual_sums, sq_sums,
-        gamma, eps, _scalar(tau, params[0]),
+        gamma, eps, *_scalars(params[0], tau),
     )
