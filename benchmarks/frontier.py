@@ -23,6 +23,8 @@ every method's front, one plot per model.
     .venv/bin/python benchmarks/frontier.py --model lenet5 --epochs 60 --targets 0.98 \\
         --methods gmp rda --seeds 0 1 2 --workers 1 --parallel 2 --address 127.0.0.1:6390
     .venv/bin/python benchmarks/frontier.py --model lenet5 --table-only   # table and plot again
+    # one run at a time, each with its own Ray instance, taking turns with other Ray jobs:
+    .venv/bin/python benchmarks/frontier.py --model lenet5 --workers 2 --lock /tmp/ray.lock
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def train(method: str, target: float | None, seed: int, args: argparse.Namespace
         cmd += ["--address", args.address]
     if args.subset:
         cmd += ["--subset", str(args.subset)]
+    if args.lock:  # one Ray instance on the machine at a time: each run takes the lock
+        cmd = ["flock", str(args.lock), *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"FAILED {name}: {done.stderr[-2000:]}", file=sys.stderr, flush=True)
@@ -163,6 +167,9 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing; print the table and draw the plot from the store")
     parser.add_argument("--workers", type=int, default=1, help="DDP workers per run")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="run each training under `flock FILE`, so that other jobs that "
+                             "start Ray on this machine take turns with it")
     parser.add_argument("--prefix", default="frontier")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{Path('frontier-mlflow.db').absolute()}")
     parser.add_argument("--storage", type=Path, default=Path("frontier-results").absolute())

@@ -20,9 +20,9 @@ product, a ``variant`` key that only this script knows:
 Printed per variant and seed: accuracy and sparsity at the end, before the fine-tune, and the
 per-layer sparsity.
 
-    .venv/bin/python benchmarks/rda_variants.py --parallel 2 --seeds 0 1 2 \\
+    .venv/bin/python benchmarks/rda_variants.py --parallel 2 \\
         "optimizer=gmp target_sparsity=0.98 epochs=20" \\
-        "optimizer=rda target_sparsity=0.98 epochs=20"
+        "optimizer=rda target_sparsity=0.98 epochs=20" --seeds 0 1 2
 """
 
 from __future__ import annotations

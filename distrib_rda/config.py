@@ -44,6 +44,8 @@ PLACEMENT_KEYS = ("address", "storage", "cache_dir", "tracking_uri", "data_root"
                   "loader_workers", "checkpoint_every", "max_failures", "name", "experiment",
                   "register")
 ALIASES = {"lambda": "lambda_"}
+# Two ways to set one thing: RDA's l1 strength is given, or found for a target sparsity.
+EXCLUSIVE = {"lambda_": "target_sparsity", "target_sparsity": "lambda_"}
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # The key `register` (--register NAME) has the name of ABCMeta.register, which no config uses.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -240,11 +242,16 @@ class TrainConfig(BaseModel):
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A validated copy with ``changes`` applied (flat keys). Changing the optimizer drops
-        the old optimizer's keys."""
+        the old optimizer's keys; giving ``lambda_`` drops the target sparsity, and the other
+        way round."""
         values = self.to_dict()
         if "optimizer" in changes and changes["optimizer"] != self.optimizer:
             values = {key: value for key, value in values.items()
                       if key not in type(self.optim).model_fields}
+        changes = {ALIASES.get(key, key): value for key, value in changes.items()}
+        for key, other in EXCLUSIVE.items():  # setting one way clears the other
+            if changes.get(key) is not None and other not in changes and other in values:
+                values[other] = None
         return TrainConfig.build(**{**values, **changes})
 
 

@@ -76,7 +76,7 @@ class OptimizerSettings(BaseModel):
 
 
 class _Momentum(OptimizerSettings):
-    lr: Number = Field(0.05, gt=0, le=10, description="peak learning rate (cosine decay to 0)")
+    lr: Number = Field(0.05, gt=0, description="peak learning rate (cosine decay to 0)")
     momentum: Number = Field(0.9, ge=0, lt=1, description="heavy-ball momentum")
 
     def _sgd(self, params: Any, total_steps: int):

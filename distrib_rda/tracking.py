@@ -368,16 +368,18 @@ class TrackedRun:
     """One MLflow run from start to end: see the module docstring for what it records."""
 
     def __init__(self, cfg: TrainConfig, run_id: str, *, beton_dir: Path | None = None,
-                 experiment_id: str | None = None):
+                 experiment_id: str | None = None, model_factory=None):
         self.cfg = cfg
         self.run_id = run_id
         self.beton_dir = beton_dir
         self.experiment_id = experiment_id
+        self.model_factory = model_factory  # a Python caller's own, in place of cfg.model
         self.client = client_for(cfg.tracking_uri)
 
     @classmethod
     def start(cls, cfg: TrainConfig, *, run_key: str, run_name: str | None = None,
-              parent_run_id: str | None = None, beton_dir: Path | None = None) -> TrackedRun:
+              parent_run_id: str | None = None, beton_dir: Path | None = None,
+              model_factory=None) -> TrackedRun:
         """Create the run for ``run_key``, or reopen the existing one (a resumed job or trial).
 
         A new run gets the params, the placement tags and, with ``beton_dir``, the dataset."""
@@ -389,7 +391,8 @@ class TrackedRun:
             run_id = existing.info.run_id
             client.update_run(run_id, status="RUNNING")
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-            return cls(cfg, run_id, beton_dir=beton_dir, experiment_id=experiment)
+            return cls(cfg, run_id, beton_dir=beton_dir, experiment_id=experiment,
+                       model_factory=model_factory)
         tags.update({RUN_KEY_TAG: run_key, "dataset": cfg.dataset, "model": cfg.model,
                      "optimizer": cfg.optimizer})
         if parent_run_id:
@@ -399,7 +402,8 @@ class TrackedRun:
                                          for key, value in run_params(cfg).items()])
         if beton_dir is not None:
             client.log_inputs(run_id, datasets=dataset_inputs(cfg, beton_dir))
-        return cls(cfg, run_id, beton_dir=beton_dir, experiment_id=experiment)
+        return cls(cfg, run_id, beton_dir=beton_dir, experiment_id=experiment,
+                   model_factory=model_factory)
 
     def callback(self) -> MlflowMetricsCallback:
         """The Ray Train callback that logs this run's epochs as they are checkpointed."""
@@ -523,7 +527,7 @@ class TrackedRun:
     def _final_module(self, state: dict[str, Any]):
         from distrib_rda.models import build_model
 
-        module = build_model(self.cfg.model, **state["model_args"])
+        module = build_model(self.model_factory or self.cfg.model, **state["model_args"])
         module.load_state_dict(state["model"])
         return module.eval()
 

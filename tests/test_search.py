@@ -31,8 +31,7 @@ from distrib_rda.search.pareto import plot_fronts, plot_search, staircase
 from distrib_rda.search.tune import _start_parent, finish_search, run_search
 
 REPO = Path(__file__).resolve().parents[1]
-SEARCHED = {"lambda_", "gamma", "warmup", "power", "finetune_epochs", "init_scale", "adaptive",
-            "eps", "restart"}
+SEARCHED = {"target_sparsity", "ramp", "threshold", "gamma", "warmup", "finetune_epochs"}
 
 
 def brute_force_front(points, modes):
@@ -97,22 +96,24 @@ def test_shipped_spaces_are_valid(name):
         assert str(spec.base.storage).startswith("/mnt/shared")
     else:
         assert not spec.base.gpu and spec.base.workers <= 2 and spec.trials <= 8
-    # every trial config is a valid TrainConfig
-    sampled = {"lambda_": 1e-4, "gamma": 0.3, "warmup": 500.0, "power": 0.4,
-               "finetune_epochs": spec.space["finetune_epochs"].values[-1], "init_scale": 1.0,
-               "adaptive": True, "eps": 1e-6,
-               "restart": json.dumps(spec.space["restart"].values[-1])}
-    assert isinstance(spec.trial_config(sampled), TrainConfig)
+    # every trial config is a valid TrainConfig, at both ends of every searched range
+    for end in (0, -1):
+        sampled = {key: spec.space[key].encode(dist.values[end])
+                   for key, dist in spec.space.items()}
+        assert isinstance(spec.trial_config(sampled), TrainConfig)
 
 
-def test_shipped_target_space_searches_lambda_per_target():
-    spec = load_space(REPO / "tune" / "fashion_mnist_lenet5_target.yaml")
-    assert set(spec.space) == {"lambda_", "target_sparsity"}
-    assert spec.base.optimizer == "rda" and spec.base.finetune_epochs >= 1
-    assert spec.base.epochs + spec.base.finetune_epochs == 20 and spec.trials <= 8
-    for target in spec.space["target_sparsity"].values:
-        config = spec.trial_config({"lambda_": 3e-4, "target_sparsity": target})
-        assert config.target_sparsity == target
+def test_shipped_spaces_name_the_sparsity_never_lambda():
+    """RDA finds its own l1 strength: the spaces search the target and how RDA reaches it."""
+    for path in sorted((REPO / "tune").glob("*.yaml")):
+        spec = load_space(path)
+        assert "lambda_" not in spec.space and spec.base.optimizer == "rda", path
+        assert spec.base.optim.target_sparsity is not None or "target_sparsity" in spec.space
+    spec = load_space(REPO / "tune" / "fashion_mnist_lenet5_98.yaml")
+    assert spec.base.epochs == 20 and spec.base.optim.target_sparsity == 0.98
+    for finetune in spec.space["finetune_epochs"].values:
+        config = spec.trial_config({**spec.start_points()[0], "finetune_epochs": finetune})
+        assert config.optimizer_epochs + config.finetune_epochs == 20
 
 
 BASE = {"config": {"epochs": 1}, "space": {"lambda_": {"loguniform": [1e-5, 1e-3]}}}
@@ -179,15 +180,15 @@ def test_not_yaml_or_not_a_mapping_is_refused(tmp_path):
 
 def test_flags_fix_keys_and_override_settings(tmp_path):
     path = write_space(tmp_path, {
-        "config": {"epochs": 5},
+        "config": {"epochs": 10},
         "space": {"lambda_": {"loguniform": [1e-5, 1e-3]}, "gamma": {"uniform": [0.1, 1.0]},
                   "restart": {"choice": [[], [2, 4]]}},
         "search": {"trials": 6, "max_concurrent": 2}})
-    spec = load_space(path, overrides={"gamma": 0.5, "epochs": 2}, trials=3, max_concurrent=1)
+    spec = load_space(path, overrides={"gamma": 0.5, "epochs": 8}, trials=3, max_concurrent=1)
     assert set(spec.space) == {"lambda_", "restart"}  # the flag fixed gamma
-    assert spec.base.gamma == 0.5 and spec.base.epochs == 2
+    assert spec.base.optim.gamma == 0.5 and spec.base.epochs == 8
     assert (spec.trials, spec.search.max_concurrent) == (3, 1)
-    assert spec.trial_config({"lambda_": 2e-4, "restart": "[2, 4]"}).restart == [2, 4]
+    assert spec.trial_config({"lambda_": 2e-4, "restart": "[2, 4]"}).optim.restart == [2, 4]
     with pytest.raises(ConfigError, match="--trials 0"):
         load_space(path, trials=0)
 
@@ -200,7 +201,7 @@ def test_start_points_are_checked_and_encoded_for_tune(tmp_path):
     spec = load_space(write_space(tmp_path, data))
     assert spec.start_points() == [{"lambda_": 1e-4, "adaptive": False, "restart": "[2]",
                                      "gamma": 0.5}]
-    assert spec.trial_config(spec.start_points()[0]).restart == [2]
+    assert spec.trial_config(spec.start_points()[0]).optim.restart == [2]
     # a flag that fixes a searched key takes it out of the start points too
     assert load_space(write_space(tmp_path, data), overrides={"gamma": 0.2}).start_points() == [
         {"lambda_": 1e-4, "adaptive": False, "restart": "[2]"}]

@@ -59,6 +59,13 @@ class DatasetMeta:
         return self.shape[2]
 
     @property
+    def model_args(self) -> dict[str, int]:
+        """What a model factory is called with: ``in_channels``, ``image_size`` (the height;
+        images are square) and ``num_classes``."""
+        return {"in_channels": self.shape[2], "image_size": self.shape[0],
+                "num_classes": len(self.classes)}
+
+    @property
     def image_size(self) -> int:
         return self.shape[0]
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from distrib_rda.config import TrainConfig
 from distrib_rda.data import ensure_converted
 from distrib_rda.errors import UserError
 from distrib_rda.tracking import TrainingError
-from distrib_rda.training.loop import train_loop_per_worker
+from distrib_rda.training.loop import MODEL_FACTORY, train_loop_per_worker
 
 CONFIG_FILE = "distrib_rda_config.json"
 WORKER_ENV = {
@@ -76,8 +79,31 @@ def check_resources(cfg: TrainConfig) -> None:
 
 def run_directory(cfg: TrainConfig) -> tuple[Path, str]:
     storage = Path(cfg.storage).expanduser().resolve()
-    name = cfg.name or f"{cfg.model}-{cfg.optimizer}-{datetime.now():%Y%m%d-%H%M%S}"
+    model = re.sub(r"[^A-Za-z0-9_.+-]+", "-", cfg.model.rpartition(":")[2])  # a plain name
+    name = cfg.name or f"{model}-{cfg.optimizer}-{datetime.now():%Y%m%d-%H%M%S}"
     return storage, name
+
+
+def check_model(cfg: TrainConfig, beton_dir: Path,
+                factory: Callable[..., Any] | None = None) -> None:
+    """Build the model once, on the CPU, before Ray starts: a spec that cannot be imported,
+    a factory that raises or returns no ``nn.Module``, or a model without conv and linear
+    weights is refused here, naming the spec (:class:`~distrib_rda.models.ModelSpecError`)."""
+    from distrib_rda.data import DatasetMeta
+    from distrib_rda.models import build_model
+
+    build_model(factory or cfg.model, **DatasetMeta.load(beton_dir).model_args)
+
+
+def ship_by_value(factory: Callable[..., Any]) -> None:
+    """Let Ray send a user's model factory to the workers as code, not as a name to import:
+    a notebook's or a script's module is not importable on the workers."""
+    from ray import cloudpickle
+
+    module = sys.modules.get(getattr(factory, "__module__", "") or "")
+    location = getattr(module, "__file__", None) or ""
+    if module is not None and module.__name__ != "__main__" and "site-packages" not in location:
+        cloudpickle.register_pickle_by_value(module)
 
 
 def check_resume(cfg: TrainConfig, directory: Path) -> None:
@@ -99,13 +125,19 @@ def check_resume(cfg: TrainConfig, directory: Path) -> None:
 
 
 def build_trainer(cfg: TrainConfig, *, callbacks=(), storage_path: Path | str | None = None,
-                  name: str | None = None) -> TorchTrainer:
-    """A TorchTrainer whose workers train ``cfg``; ``callbacks`` run on its controller (the
+                  name: str | None = None,
+                  model_factory: Callable[..., Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer whose workers train ``cfg`` (with ``model_factory`` in place of the
+    model spec, when a Python caller gave one); ``callbacks`` run on its controller (the
     tracked run's, which logs the epochs to MLflow, among them)."""
     storage, default_name = run_directory(cfg)
+    loop_config: dict[str, Any] = cfg.to_dict()
+    if model_factory is not None:
+        ship_by_value(model_factory)
+        loop_config[MODEL_FACTORY] = model_factory
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker={"GPU": 1} if cfg.gpu else {"CPU": 1}),
@@ -120,14 +152,17 @@ def build_trainer(cfg: TrainConfig, *, callbacks=(), storage_path: Path | str | 
     )
 
 
-def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` on Ray Train, record it in MLflow, and print a summary."""
+def run_training(cfg: TrainConfig, json_output: bool = False,
+                 model_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` on Ray Train, record it in MLflow, and print a summary. A Python caller
+    may give its own ``model_factory`` (``cfg.model`` then names it)."""
     # Where the records go is settled first: a Ray job without a usable place is refused here.
     cfg = tracking.resolve_locations(cfg)
     # Converting here checks the source before Ray starts, with progress in this terminal;
     # workers on other nodes convert into their own node's cache.
     beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
                                  cache_dir=cfg.cache_dir)
+    check_model(cfg, beton_dir, model_factory)
     tracking.check_reachable(cfg.tracking_uri)
     storage, name = run_directory(cfg)
     cfg = cfg.replace(name=name)
@@ -136,10 +171,10 @@ def run_training(cfg: TrainConfig, json_output: bool = False) -> dict[str, Any]:
     connect(cfg.address)
     check_resources(cfg)
     run = tracking.TrackedRun.start(cfg, run_key=str(directory), run_name=name,
-                                    beton_dir=beton_dir)
+                                    beton_dir=beton_dir, model_factory=model_factory)
 
     started = time.time()
-    result = run.fit(build_trainer(cfg, callbacks=[run.callback()]),
+    result = run.fit(build_trainer(cfg, callbacks=[run.callback()], model_factory=model_factory),
                      then=f"the last good checkpoint is kept in {directory}, rerun the same "
                           "command to resume")
     summary, _ = run.finish(result.checkpoint, started=started,

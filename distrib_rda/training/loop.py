@@ -27,6 +27,8 @@ from distrib_rda.tracking import preprocessing_of
 from distrib_rda.training import checkpoint
 from distrib_rda.training.dual_sync import LocalDualAveraging
 
+# The train_loop_config key of a model factory given as a Python callable (distrib_rda.train).
+MODEL_FACTORY = "model_factory"
 # Ray Train 2.60 logs every ray.train.report() at INFO, with the whole metrics dict, under a
 # logger named by its source file: outside "ray.train", so LoggingConfig does not quiet it.
 REPORT_LOGGER = "ray/train/v2/_internal/execution/context.py"
@@ -120,7 +122,8 @@ def first_images(loader, count: int = 2) -> torch.Tensor | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     quiet_report_logging()
-    cfg = TrainConfig.build(**config)
+    model_factory = config.get(MODEL_FACTORY)  # a Python API user's own callable
+    cfg = TrainConfig.build(**{k: v for k, v in config.items() if k != MODEL_FACTORY})
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if cfg.gpu else torch.device("cpu")
@@ -142,10 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)  # FFCV resets it when a loader is made
 
     torch.manual_seed(cfg.seed)
-    height, _, channels = loaders.meta.shape
-    model_args = {"in_channels": channels, "image_size": height,
-                  "num_classes": len(loaders.meta.classes)}
-    module = build_model(cfg.model, **model_args, init_scale=cfg.init_scale)
+    model_args = loaders.meta.model_args
+    module = build_model(model_factory or cfg.model, **model_args, init_scale=cfg.init_scale)
     module.to(device)
     if state:
         module.load_state_dict(state["model"])
