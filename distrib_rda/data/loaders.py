@@ -1,8 +1,15 @@
 """FFCV loaders over a converted dataset directory: one rank's training and test batches.
 
-Each batch is ``(images, labels)`` on ``device``: ``images`` float32 ``(N, C, H, W)``
-contiguous, ``(p − mean_c) / std_c`` with the training-set statistics of ``meta.json``
-(pixels ``p`` in ``[0, 255]``); ``labels`` int64 ``(N,)``.
+Each batch is ``(images, labels)`` on ``device``: ``images`` float32 ``(N, C, H, W)``,
+``(p − mean_c) / std_c`` with the training-set statistics of ``meta.json`` (pixels ``p`` in
+``[0, 255]``); ``labels`` int64 ``(N,)``. Where the work happens (``normalize_on``):
+
+- ``"host"`` (the default for a CPU ``device``): FFCV's threads crop, flip and normalize on the
+  CPU in one numba pass (:class:`~distrib_rda.data.ops.NormalizeToCHW`); ``images`` are
+  contiguous.
+- ``"device"`` (the default for a CUDA ``device``): uint8 images are copied to the device and
+  cropped, flipped and normalized there (:class:`~distrib_rda.data.ops.NormalizeOnDevice`,
+  the same values); ``images`` are ``channels_last``, the layout the model takes on CUDA.
 
 The batches live in buffers that FFCV reuses a few batches later: clone what you keep
 beyond the current step (``images.clone()``, ``loss.item()`` is fine).
@@ -100,6 +107,7 @@ def build_loaders(
     augment: bool | None = None,
     num_workers: int = 2,
     device: torch.device | str = CPU,
+    normalize_on: str | None = None,
 ) -> Loaders:
     """Training and test loaders for this rank over ``beton_dir`` (see the module docstring).
 
@@ -108,6 +116,9 @@ def build_loaders(
     nothing otherwise; ``True``/``False`` force it. ``num_workers`` is FFCV's thread count,
     capped at numba's ``NUMBA_NUM_THREADS`` (the machine's cores by default).
     The training loader drops the last partial batch unless a rank has less than one batch.
+    ``normalize_on`` is ``"host"`` or ``"device"`` (see the module docstring); ``None`` picks
+    ``"device"`` for CUDA and ``"host"`` otherwise. With ``"device"`` the crop and flip draw
+    from a generator seeded with ``seed`` and the rank.
     """
     ffcv = import_ffcv()
     beton_dir = Path(beton_dir).expanduser()
@@ -126,6 +137,10 @@ def build_loaders(
         )
     num_workers = _thread_limit(num_workers)
     device = torch.device(device)
+    if normalize_on is None:
+        normalize_on = "device" if device.type == "cuda" else "host"
+    if normalize_on not in ("host", "device"):
+        raise UserError(f"normalize_on must be 'host' or 'device', got {normalize_on!r}")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if augment is None:
@@ -142,7 +157,8 @@ def build_loaders(
             str(train_file), batch_size=batch_size, num_workers=num_workers,
             order=order.RANDOM, distributed=distributed, seed=seed, indices=train_indices,
             drop_last=per_rank >= batch_size,
-            pipelines=_pipelines(meta, augment=augment, device=device),
+            pipelines=_pipelines(meta, augment=augment, device=device, on=normalize_on,
+                                 seed=_augment_seed(seed, rank)),
         )
         train.next_epoch = start_epoch
         test = None
@@ -150,7 +166,8 @@ def build_loaders(
             test = ffcv.loader.Loader(
                 str(test_file), batch_size=batch_size, num_workers=num_workers,
                 order=order.SEQUENTIAL, distributed=False, indices=test_indices,
-                drop_last=False, pipelines=_pipelines(meta, augment=False, device=device),
+                drop_last=False,
+                pipelines=_pipelines(meta, augment=False, device=device, on=normalize_on),
             )
     finally:
         torch.set_num_threads(threads)
@@ -173,20 +190,25 @@ def _thread_limit(num_workers: int) -> int:
     return min(num_workers, limit)
 
 
-def _pipelines(meta: DatasetMeta, *, augment: bool, device: torch.device) -> dict[str, list]:
+def _augment_seed(seed: int, rank: int) -> int:
+    """One seed per (run seed, rank), so that ranks crop and flip their images independently."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _pipelines(meta: DatasetMeta, *, augment: bool, device: torch.device, on: str,
+               seed: int = 0) -> dict[str, list]:
     from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-    from distrib_rda.data.ops import NormalizeToCHW
+    from distrib_rda.data.ops import NormalizeOnDevice, NormalizeToCHW
 
-    image: list = [
-        NDArrayDecoder(),
-        NormalizeToCHW(meta.mean, meta.std, crop_padding=4 if augment else 0, flip=augment),
-        ToTensor(),
-    ]
-    label: list = [IntDecoder(), ToTensor()]
-    if device.type != "cpu":
-        image.append(ToDevice(device, non_blocking=True))
-        label.append(ToDevice(device, non_blocking=True))
-    label.append(Squeeze(1))
+    crop = {"crop_padding": 4 if augment else 0, "flip": augment}
+    to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+    if on == "host":
+        image: list = [NDArrayDecoder(), NormalizeToCHW(meta.mean, meta.std, **crop), ToTensor(),
+                       *to_device]
+    else:
+        image = [NDArrayDecoder(), ToTensor(), *to_device,
+                 NormalizeOnDevice(meta.mean, meta.std, **crop, seed=seed)]
+    label: list = [IntDecoder(), ToTensor(), *to_device, Squeeze(1)]
     return {"image": image, "label": label}
