@@ -236,9 +236,11 @@ class TrainConfig(BaseModel):
 
     def params(self) -> dict[str, str]:
         """What defines the run, as MLflow params: every key but :data:`PLACEMENT_KEYS`, the
-        optimizer's own keys only."""
+        optimizer's own keys only, and no key left unset (RDA to a target records no
+        ``lambda_``; with a ``lambda_``, no target)."""
         return {key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-                for key, value in self.to_dict().items() if key not in PLACEMENT_KEYS}
+                for key, value in self.to_dict().items()
+                if key not in PLACEMENT_KEYS and value is not None}
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A validated copy with ``changes`` applied (flat keys). Changing the optimizer drops

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
 
 from distrib_rda.registry import Registry
 
@@ -94,8 +102,8 @@ Ramp = Annotated[tuple[Number, Number], Field(description=(
 def _check_ramp(ramp: tuple[float, float]) -> tuple[float, float]:
     start, end = ramp
     if not 0 <= start < end <= 1:
-        raise ValueError(f"ramp must be [start, end] fractions of the steps with "
-                         f"0 <= start < end <= 1, got [{start:g}, {end:g}]")
+        raise ValueError("must be [start, end] fractions of the steps with "
+                         "0 <= start < end <= 1")
     return ramp
 
 
@@ -143,10 +151,7 @@ class GMP(_Momentum):
     prunings: Integer = Field(40, ge=1, le=100_000,
                               description="mask updates over the ramp (Zhu & Gupta's n)")
 
-    @model_validator(mode="after")
-    def _ramp(self) -> GMP:
-        _check_ramp(self.ramp)
-        return self
+    _ramp = field_validator("ramp")(_check_ramp)
 
     def build(self, model: nn.Module, total_steps: int) -> OptimizerParts:
         from distrib_rda.optim import MagnitudePruner, prunable_weights
@@ -213,13 +218,23 @@ class RDA(_Momentum):
             data = {**data, "target_sparsity": None}
         return data
 
+    _ramp = field_validator("ramp")(_check_ramp)
+
+    @field_validator("restart")
+    @classmethod
+    def _increasing(cls, restart: list[int]) -> list[int]:
+        if any(epoch < 1 for epoch in restart) or sorted(set(restart)) != restart:
+            raise ValueError("must be increasing epoch numbers >= 1")
+        return restart
+
     @model_validator(mode="after")
     def _consistent(self) -> RDA:
-        _check_ramp(self.ramp)
         if self.target_sparsity is None and self.lambda_ is None:
             raise ValueError("give target_sparsity (--target-sparsity) or lambda_ (--lambda)")
-        if any(epoch < 1 for epoch in self.restart) or sorted(set(self.restart)) != self.restart:
-            raise ValueError("restart must be increasing epoch numbers >= 1")
+        if self.adaptive and self.target_sparsity is not None:
+            raise ValueError("adaptive (--adaptive) gives every weight its own threshold, so a "
+                             "target sparsity cannot set one; with adaptive, give lambda_ "
+                             "(--lambda)")
         if self.restart and self.center == "zero":
             raise ValueError("restart re-centres at w; it needs center: init (a zero centre "
                              "with G reset to 0 would collapse the weights)")

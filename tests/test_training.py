@@ -37,12 +37,14 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
     assert set(result) == {"run_id", "accuracy", "sparsity", "nonzeros", "epochs", "seconds"}
     assert result["epochs"] == 2
     assert 0.4 < result["accuracy"] <= 1.0  # 10 classes: chance is 0.1
-    assert 0.0 < result["sparsity"] < 1.0
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["lambda_"] == "0.0008" and run.data.params["workers"] == "2"
+    # RDA to the default target: the sparsity is named, the l1 strength found
+    assert run.data.params["target_sparsity"] == "0.95" and run.data.params["workers"] == "2"
+    assert result["sparsity"] == pytest.approx(0.95, abs=1e-4)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lambda")] == [1, 2]
     assert {run.data.tags[key] for key in ("dataset", "model", "optimizer")} == {
         "fashion-mnist", "lenet5", "rda"}
     for key in ("train_loss", "accuracy", "sparsity", "nonzeros", "epoch_seconds",
@@ -60,23 +62,25 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
         run.info.run_id, "layer_sparsity.json", str(tmp_path))).read())
 
 
-def test_rda_cut_to_a_target_sparsity_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri,
-                                                 capsys):
-    """One RDA epoch at a small lambda, cut to 95% and fine-tuned for one epoch: the run ends
-    at exactly round(0.95 N) zeros, the RDA epoch before the cut was less sparse, and MLflow
-    holds both."""
+def test_rda_to_a_target_sparsity_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri,
+                                            capsys):
+    """One RDA epoch whose threshold ramps to 95% (lambda found, not given), then one epoch of
+    fixed-mask fine-tune: both epochs end at exactly round(0.95 N) zeros, and MLflow holds the
+    lambda that RDA found and the accuracy before the fine-tune."""
     assert main(train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs",
-                           "1", "--finetune-epochs", "1", "--lambda", "1e-4",
-                           "--target-sparsity", "0.95", "--name", "target", "--json")) == 0
+                           "2", "--target-sparsity", "0.95", "--name", "target", "--json")) == 0
     result = last_json_line(capsys.readouterr().out)
     n = 61_470  # lenet5's conv and linear weights on 28x28x1
     assert result["nonzeros"] == n - round(0.95 * n)
 
     client = MlflowClient(tracking_uri)
     run = client.get_run(result["run_id"])
-    assert run.data.params["target_sparsity"] == "0.95"
+    assert run.data.params["target_sparsity"] == "0.95" and "lambda_" not in run.data.params
     by_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "sparsity")}
-    assert by_epoch[1] < 0.9 and by_epoch[2] == pytest.approx(round(0.95 * n) / n)
+    exact = pytest.approx(round(0.95 * n) / n)
+    assert by_epoch == {1: exact, 2: exact}
+    found = client.get_metric_history(run.info.run_id, "lambda")
+    assert [m.step for m in found] == [1] and found[0].value > 0
     assert run.data.metrics["sparsity_before_finetune"] == pytest.approx(by_epoch[1])
 
 
@@ -111,7 +115,7 @@ def test_resume_with_changed_config_is_refused(ray_local, tmp_path, beton_cache,
 def test_final_checkpoint_holds_the_whole_state(ray_local, tmp_path, beton_cache, tracking_uri,
                                                 capsys):
     args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
-                      "--name", "state", "--adaptive")
+                      "--name", "state", "--adaptive", "--lambda", "1e-4")
     assert main(args) == 0
     files = sorted((tmp_path / "results" / "state").rglob(checkpoint.CHECKPOINT_FILE))
     state = checkpoint.load(files[-1])
@@ -146,11 +150,11 @@ def test_unknown_key_in_config_file_is_refused(tmp_path, capsys):
     assert "learning_rate: unknown key" in error
 
 
-def test_unknown_model_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--model", "alexnet"])
-    assert exit_info.value.code == 2
-    assert "--model" in capsys.readouterr().err
+def test_unknown_model_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["train", "--model", "alexnet", "--storage", str(tmp_path / "results")]) == 2
+    error = capsys.readouterr().err
+    assert "model (--model): not a model spec" in error and "lenet5-caffe" in error
+    assert not (tmp_path / "results").exists()
 
 
 def test_ray_train_report_logging_is_quieted():
