@@ -53,18 +53,73 @@ def first_nonfinite_layer(model: nn.Module) -> str:
     return "the loss (parameters and gradients are finite)"
 
 
+# Steps between two reads of the non-finite flag: one host sync per this many steps.
+NONFINITE_CHECK_EVERY = 32
+
+
+class NonFiniteWatch:
+    """The first step whose loss was not finite, kept in a tensor on the loss's device, as
+    GradScaler keeps ``found_inf``: :meth:`observe` adds no host sync, :meth:`check` reads the
+    flag (one sync) and raises :class:`NonFiniteError` naming that step and the first
+    parameter or gradient that is not finite at the check. :meth:`check_due` checks at every
+    ``every``-th step, before its update; ``every=1`` stops a run before a non-finite step
+    updates the weights, a larger one lets up to ``every - 1`` such steps through."""
+
+    def __init__(self, every: int = 1):
+        self.every = every
+        self.first_bad: torch.Tensor | None = None  # 0 while every loss was finite
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        if self.first_bad is None:
+            self.first_bad = torch.zeros((), dtype=torch.int64, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad == 0)
+        self.first_bad.masked_fill_(bad, step)
+
+    def check_due(self, model: nn.Module, step: int) -> None:
+        if step % self.every == 0:
+            self.check(model, step)
+
+    def check(self, model: nn.Module, step: int) -> None:
+        bad = 0 if self.first_bad is None else int(self.first_bad.item())
+        if bad:
+            module = model.module if isinstance(model, DistributedDataParallel) else model
+            seen = "" if bad == step else f" (seen at the check of step {step})"
+            raise NonFiniteError(
+                f"non-finite loss at step {bad}: {first_nonfinite_layer(module)}{seen}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context of the forward pass: bfloat16 autocast for ``precision="bf16"`` (weights,
+    gradients and optimizer state stay float32), nothing for ``"fp32"``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def place_model(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` on ``device``; a conv net on CUDA in ``channels_last`` memory order (before
+    any optimizer state is made from its parameters), the layout of the batches there."""
+    module.to(device)
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
 def train_step(model: nn.Module, parts: OptimizerParts, dual: LocalDualAveraging,
-               images: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
-    """One step: forward, backward (all-reduced by DDP unless local dual averaging), update."""
+               images: torch.Tensor, labels: torch.Tensor, step: int, *,
+               watch: NonFiniteWatch | None = None, precision: str = "fp32") -> torch.Tensor:
+    """One step: forward (under :func:`autocast`), backward (all-reduced by DDP unless local
+    dual averaging), update. ``watch`` flags a non-finite loss without a host sync and raises
+    on its check steps; without one, every step is checked before its update."""
+    watch = NonFiniteWatch(every=1) if watch is None else watch
     no_sync = model.no_sync() if dual.local and isinstance(model, DistributedDataParallel) \
         else nullcontext()
     with no_sync:
-        loss = F.cross_entropy(model(images), labels)
+        with autocast(images.device, precision):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
         parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-    if not torch.isfinite(loss):
-        module = model.module if isinstance(model, DistributedDataParallel) else model
-        raise NonFiniteError(f"non-finite loss at step {step}: {first_nonfinite_layer(module)}")
+    watch.observe(loss, step)
+    watch.check_due(model, step)
     parts.step()
     dual.after_step()
     return loss.detach()
@@ -146,8 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)
     model_args = loaders.meta.model_args
-    module = build_model(model_factory or cfg.model, **model_args, init_scale=cfg.init_scale)
-    module.to(device)
+    module = place_model(build_model(model_factory or cfg.model, **model_args,
+                                     init_scale=cfg.init_scale), device)
     if state:
         module.load_state_dict(state["model"])
     # Alone, DDP still all-reduces over a group of one every step: a gloo round trip for nothing.
@@ -164,6 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         parts.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
     dual = LocalDualAveraging(parts.optimizer, every=cfg.sync_every)
+    watch = NonFiniteWatch(every=NONFINITE_CHECK_EVERY)
     example = first_images(loaders.test) if rank == 0 else None
 
     for epoch in range(start_epoch + 1, total_epochs + 1):
@@ -177,9 +233,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
         for batch, (images, labels) in enumerate(loaders.train):
             step = (epoch - 1) * steps_per_epoch + batch + 1
-            loss = train_step(model, parts, dual, images, labels, step)
+            loss = train_step(model, parts, dual, images, labels, step, watch=watch,
+                              precision=cfg.precision)
             loss_sum[0] += loss * labels.numel()
             loss_sum[1] += labels.numel()
+        watch.check(model, epoch * steps_per_epoch)  # the epoch's end
         dual.after_step(force=True)  # every rank ends the epoch with the same weights
         parts.settle()
         torch.set_num_threads(threads)
