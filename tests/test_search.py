@@ -321,6 +321,28 @@ def test_pareto_report_counts_single_train_runs_and_compares(tracking_uri, tmp_p
     assert Image.open(tmp_path / "both.png").size[0] >= 800
 
 
+def test_pareto_shows_each_method_by_the_knob_that_drives_it(tracking_uri, tmp_path, capsys):
+    """An SGD run shows no lambda, a GMP run its target, RDA its target or its lambda."""
+    client = MlflowClient(tracking_uri)
+    runs = {"sgd": {"optimizer": "sgd"}, "gmp": {"optimizer": "gmp", "target_sparsity": 0.95},
+            "rda": {"target_sparsity": 0.9}, "rda-l1": {"lambda_": 8e-4}}
+    for n, (name, values) in enumerate(runs.items()):
+        cfg = TrainConfig.build(experiment="methods", tracking_uri=tracking_uri, **values)
+        run = tracking.start_run(cfg, run_key=name, run_name=name)
+        tracking.log_epochs(client, run, [{"epoch": 1, "accuracy": 0.9 - 0.01 * n,
+                                           "sparsity": 0.2 * n, "epoch_seconds": 1.0}])
+        client.set_terminated(run)
+        assert ("lambda_" in client.get_run(run).data.params) == (name in ("rda-l1",))
+    capsys.readouterr()
+    assert main(["pareto", "--experiment", "methods", "--tracking-uri", tracking_uri]) == 0
+    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.count("│") > 4 and line.split("│")[1].strip() in runs}
+    assert set(rows) == set(runs)
+    assert "lambda" not in rows["sgd"] and "target" not in rows["sgd"]
+    assert "target 0.95" in rows["gmp"] and "lambda" not in rows["gmp"]
+    assert "target 0.9" in rows["rda"] and "lambda 0.0008" in rows["rda-l1"]
+
+
 def test_unknown_experiment_is_named_with_the_existing_ones(tracking_uri, tmp_path, capsys):
     fake_search(tracking_uri, tmp_path, METRICS[:2])
     with pytest.raises(UserError, match=r"'nope'.*experiments there: .*fake"):
