@@ -151,7 +151,7 @@ def run(variant: dict, seed: int, dataset: str) -> dict:
                     for weight, keep in zip(weights, magnitude_masks(weights, cut), strict=True):
                         weight.mul_(keep)
             parts = cfg.optim.build_finetune(model, cfg.finetune_epochs * steps_per_epoch)
-        elif epoch > 1 and kind == "reweighted":
+        elif 1 < epoch <= cfg.optimizer_epochs and kind == "reweighted":
             parts.optimizer.refresh()
         perm = torch.randperm(len(x_train), generator=order)
         for i in range(steps_per_epoch):
