@@ -18,7 +18,7 @@ product, a ``variant`` key that only this script knows:
   iterate is cut to ``cut`` (a fraction) by global magnitude before the fine-tune.
 
 Printed per variant and seed: accuracy and sparsity at the end, before the fine-tune, and the
-per-layer sparsity.
+per-layer sparsity; then per variant the mean accuracy ± its standard deviation over the seeds.
 
     .venv/bin/python benchmarks/rda_variants.py --parallel 2 \\
         "optimizer=gmp target_sparsity=0.98 epochs=20" \\
@@ -28,6 +28,7 @@ per-layer sparsity.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -188,6 +189,7 @@ def main() -> None:
     jobs = [(variant, seed) for variant in variants for seed in args.seeds]
     print("| variant | seed | accuracy | sparsity | before fine-tune | per-layer sparsity | s |")
     print("| --- | ---: | ---: | ---: | --- | --- | ---: |")
+    accuracies: dict[str, list[float]] = {}
     with ProcessPoolExecutor(args.parallel) as pool:
         for r in pool.map(run, *zip(*jobs, strict=True), [args.dataset] * len(jobs)):
             before = ("-" if r["before_finetune"] is None
@@ -196,6 +198,11 @@ def main() -> None:
             text = " ".join(f"{k}={v}" for k, v in r["variant"].items())
             print(f"| {text} | {r['seed']} | {r['accuracy']:.2%} | {r['sparsity']:.2%} | "
                   f"{before} | {layers} | {r['seconds']} |", flush=True)
+            accuracies.setdefault(text, []).append(r["accuracy"])
+    print("\n| variant | accuracy, mean ± sd over seeds | n |\n| --- | ---: | ---: |")
+    for text, values in accuracies.items():
+        spread = f" ± {statistics.stdev(values):.2%}" if len(values) > 1 else ""
+        print(f"| {text} | {statistics.mean(values):.2%}{spread} | {len(values)} |")
 
 
 if __name__ == "__main__":
