@@ -101,6 +101,27 @@ def test_hard_threshold_keeps_the_survivors_whole():
     torch.testing.assert_close(weight.detach(), torch.where(u.abs() > tau, u, 0.0))
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_hard_threshold_with_the_adaptive_beta_keeps_survivors_whole(foreach):
+    """Per element beta = gamma*(sqrt(Q) + eps): w = u * 1[|u| > t*lambda/beta] (float64)."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(60, dtype=torch.float64))
+    center = weight.detach().clone()
+    optimizer = RDA([weight], lambda_=0.05, gamma=2.0, adaptive=True, eps=1e-3,
+                    threshold="hard", foreach=foreach)
+    dual, squares = torch.zeros_like(center), torch.zeros_like(center)
+    for t in range(1, 4):
+        grad = torch.randn(60, dtype=torch.float64)
+        weight.grad = grad.clone()
+        optimizer.step()
+        dual, squares = dual + grad, squares + grad**2
+        beta = 2.0 * (squares.sqrt() + 1e-3)
+        u = center - dual / beta
+        expected = torch.where(u.abs() > t * 0.05 / beta, u, 0.0)
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-12, atol=1e-12)
+    assert (weight == 0).any() and (weight != 0).any()
+
+
 def test_a_zeroed_weight_comes_back_when_its_gradient_keeps_pushing():
     """Two weights, one kept: the first has the larger start but no gradient; the second's
     gradient keeps pushing it out, its dual average passes the first, and it comes back."""

@@ -24,6 +24,14 @@ USER_CODE = Path(__file__).parent / "user_code"
 CLI = str(Path(sys.executable).with_name("distrib-rda"))
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's fresh shell: without what other tests set in this process
+    (``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI, for one)."""
+    inherited = {key: value for key, value in os.environ.items()
+                 if key not in ("MLFLOW_TRACKING_URI", "DISTRIB_RDA_STORAGE", "RAY_ADDRESS")}
+    return {**inherited, **extra}
+
+
 @pytest.fixture
 def user_code_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(USER_CODE))
@@ -58,7 +66,7 @@ def test_a_bad_spec_is_refused_naming_it(user_code_on_path, spec, named):
 
 @pytest.mark.parametrize("spec", ["my_models:raises", "no_such_module:factory"])
 def test_the_command_line_refuses_a_bad_spec_before_any_work(tmp_path, spec):
-    env = {**os.environ, "PYTHONPATH": str(USER_CODE)}
+    env = clean_env(PYTHONPATH=str(USER_CODE))
     done = subprocess.run(
         [CLI, "train", "--model", spec, "--storage", str(tmp_path / "results"),
          "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"],
@@ -113,7 +121,7 @@ def check_run(tracking_uri: str, run_id: str, spec: str, checkpoint_path: str,
 
 def test_a_users_model_trains_from_the_command_line_with_two_workers(
         tmp_path, beton_cache, tracking_uri):
-    env = {**os.environ, "PYTHONPATH": str(USER_CODE)}
+    env = clean_env(PYTHONPATH=str(USER_CODE))
     done = subprocess.run([CLI, "train", "--model", "my_models:small_cnn", "--json",
                            *run_args(tmp_path, beton_cache, tracking_uri)],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
@@ -124,7 +132,7 @@ def test_a_users_model_trains_from_the_command_line_with_two_workers(
         from my_models import small_cnn
     finally:
         sys.path.remove(str(USER_CODE))
-    final = sorted((tmp_path / "results").glob("*/checkpoint_*"))[-1]
+    final = sorted((tmp_path / "results").glob("*/checkpoint_2*"))[-1]  # the last, by date
     check_run(tracking_uri, summary["run_id"], "my_models:small_cnn", str(final),
               lambda num_classes: small_cnn(1, num_classes))
 
@@ -153,8 +161,7 @@ def test_the_readme_example_with_a_users_model_runs_as_printed(tmp_path):
     datasets (~/.cache/distrib-rda) is made there."""
     code = readme_block("## Your own model, from the command line or from Python")
     assert "model=my_cnn" in code
-    env = {**os.environ, "HOME": str(tmp_path),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = clean_env(HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

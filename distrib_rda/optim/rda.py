@@ -350,9 +350,6 @@ class RDA(Optimizer):
         if group.setdefault("threshold", "soft") not in THRESHOLDS:
             raise ValueError(f"threshold must be one of {', '.join(THRESHOLDS)}, got "
                              f"{group['threshold']!r}")
-        if group["adaptive"] and group["threshold"] == "hard":
-            raise ValueError("threshold='hard' needs the scalar beta_t; adaptive=True is "
-                             "soft only")
         target = group.setdefault("target_sparsity", None)
         if target is None:
             return
@@ -566,7 +563,8 @@ def rda(
         state_steps: the step counts :math:`t`, 0-dim float tensors on the CPU.
         restart_steps: :math:`t_0` per parameter (``None``: all 0).
         hard: the hard threshold ``H_tau(u) = u * 1[|u| > tau]`` instead of ``S_tau``
-            (``threshold="hard"`` of :class:`RDA`; the scalar schedule only).
+            (``threshold="hard"`` of :class:`RDA`; with the adaptive ``beta``, per element
+            ``H_{tau/beta}``).
         lambda_, gamma, adaptive, eps, warmup, power, foreach, fused: as in :class:`RDA`.
     """
     lambda_ = check_nonnegative("lambda_", lambda_)
@@ -582,8 +580,6 @@ def rda(
             raise ValueError(f"{name} has {len(values)} entries for {n} parameters")
     if adaptive != (sq_sums is not None):
         raise ValueError("sq_sums must be given with adaptive=True, and only then")
-    if adaptive and hard:
-        raise ValueError("hard=True needs the scalar beta_t; adaptive=True is soft only")
     if n == 0:
         return
     if restart_steps is None:
@@ -600,7 +596,7 @@ def rda(
             torch._foreach_copy_(steps, [torch.tensor(t, dtype=steps[0].dtype)] * len(steps))
         if adaptive:
             # per element tau/beta_t; the kernels threshold beta*u by the scalar tau instead
-            scalars = {"gamma": gamma, "eps": eps, "tau": (t - t0) * lambda_}
+            scalars = {"gamma": gamma, "eps": eps, "tau": (t - t0) * lambda_, "hard": hard}
         else:
             beta = scalar_beta(gamma, t, warmup, power)
             scalars = {"alpha": -1.0 / beta, "tau": (t - t0) * lambda_ / beta, "hard": hard}
@@ -699,7 +695,8 @@ def _multi_tensor(params, grads, centers, dual_sums, sq_sums, *, alpha, tau, har
 # which thresholds by the scalar tau = (t - t0)*lam.
 
 
-def _single_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau):
+def _single_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau,
+                            hard):
     chunk = chunk_size()
     for i, param in enumerate(params):
         needs_scratch = centers is not None or tau > 0
@@ -722,11 +719,13 @@ def _single_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma
                 if w1 is not None:
                     num = torch.addcmul(dual, w1, neg_beta, out=s)
                 if tau > 0:
-                    num = torch.ops.aten.softshrink.out(num, tau, out=s)
+                    shrink = torch.ops.aten.hardshrink if hard else torch.ops.aten.softshrink
+                    num = shrink.out(num, tau, out=s)
             torch.div(num, neg_beta, out=p)
 
 
-def _multi_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau):
+def _multi_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau,
+                           hard):
     if grads is not None:
         torch._foreach_addcmul_(sq_sums, grads, grads)
         torch._foreach_add_(dual_sums, grads)
@@ -737,7 +736,11 @@ def _multi_tensor_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma,
         num = torch._foreach_addcmul(dual_sums, centers, neg_beta)
     else:
         num = dual_sums
-    if tau > 0:
+    if tau > 0 and hard:
+        if num is dual_sums:
+            num = torch._foreach_mul(dual_sums, 1.0)  # a copy: G itself is state
+        threshold_(num, tau, hard=True)
+    elif tau > 0:
         clipped = torch._foreach_clamp_min(num, -tau)
         torch._foreach_clamp_max_(clipped, tau)
         if num is dual_sums:
@@ -765,14 +768,15 @@ def _fused_kernel(params, grads, centers, dual_sums, alpha, tau, hard):
         p.copy_(torch.where(u.abs() > tau, u, 0.0) if hard else u - u.clamp(-tau, tau))
 
 
-def _fused_adaptive_kernel(params, grads, centers, dual_sums, sq_sums, gamma, eps, tau):
+def _fused_adaptive_kernel(params, grads, centers, dual_sums, sq_sums, gamma, eps, tau, hard):
     for i, (p, dual, sq_sum) in enumerate(zip(params, dual_sums, sq_sums, strict=True)):
         if grads is not None:
             sq_sum.addcmul_(grads[i], grads[i])
             dual.add_(grads[i])
         neg_beta = (sq_sum.sqrt() + eps) * -gamma
         num = dual if centers is None else dual + centers[i] * neg_beta
-        p.copy_((num - num.clamp(-tau, tau)) / neg_beta)
+        kept = torch.where(num.abs() > tau, num, 0.0) if hard else num - num.clamp(-tau, tau)
+        p.copy_(kept / neg_beta)
 
 
 _compiled: dict[Callable, Callable] = {}
@@ -802,8 +806,8 @@ def _fused(params, grads, centers, dual_sums, sq_sums, *, alpha, tau, hard):
     )
 
 
-def _fused_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau):
+def _fused_adaptive(params, grads, centers, dual_sums, sq_sums, *, gamma, eps, tau, hard):
     _compile(_fused_adaptive_kernel)(
         [p.detach() for p in params], grads, centers, dual_sums, sq_sums,
-        gamma, eps, *_scalars(params[0], tau),
+        gamma, eps, *_scalars(params[0], tau), hard,
     )
