@@ -17,26 +17,30 @@ accuracy ± the standard deviation over seeds and their number; and RDA − GMP 
 (the mean of the per-seed differences ± their standard deviation). ``distrib-rda pareto`` draws
 every method's front, one plot per model.
 
-    .venv/bin/ray start --head --num-cpus 2 --port 6390 --disable-usage-stats
-    .venv/bin/python benchmarks/frontier.py --model lenet5 --seeds 0 1 2 \\
-        --workers 1 --parallel 2 --address 127.0.0.1:6390
+Runs are made one seed at a time on a real cluster of ``--nodes`` one-CPU nodes started by
+``cluster/local.sh`` (and stopped after the seed), one-worker runs ``--nodes`` at a time; with
+``--lock FILE`` each seed's cluster lives under ``flock FILE``, so other jobs that start Ray on
+the machine take turns with it. A run already finished in the store is not run again.
+
+    .venv/bin/python benchmarks/frontier.py --model lenet5 --seeds 0 1 2 --lock /tmp/ray.lock
     .venv/bin/python benchmarks/frontier.py --model lenet5 --epochs 60 --targets 0.98 \\
-        --methods gmp rda --seeds 0 1 2 --workers 1 --parallel 2 --address 127.0.0.1:6390
+        --methods gmp rda --seeds 0 1 2 --lock /tmp/ray.lock
     .venv/bin/python benchmarks/frontier.py --model lenet5 --table-only   # table and plot again
-    # one run at a time, each with its own Ray instance, taking turns with other Ray jobs:
-    .venv/bin/python benchmarks/frontier.py --model lenet5 --workers 2 --lock /tmp/ray.lock
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -44,6 +48,7 @@ from mlflow.tracking import MlflowClient
 from distrib_rda.search.report import finished_runs
 
 CLI = str(Path(sys.executable).with_name("distrib-rda"))
+LOCAL_CLUSTER = Path(__file__).resolve().parents[1] / "cluster" / "local.sh"
 TARGETS = (0.90, 0.95, 0.98, 0.99)
 DENSE = "sgd"
 PAIRED = ("rda", "gmp")  # the difference the table pairs by seed: first minus second
@@ -60,28 +65,67 @@ def experiment(args: argparse.Namespace, method: str) -> str:
     return f"{args.prefix}-{args.model}-e{args.epochs}-{method}"
 
 
-def train(method: str, target: float | None, seed: int, args: argparse.Namespace) -> None:
-    """One ``distrib-rda train --json`` run; the table reads it back from MLflow."""
+def run_name(args: argparse.Namespace, method: str, target: float | None, seed: int) -> str:
     label = "dense" if target is None else f"s{target:g}"
-    name = f"{args.model}-e{args.epochs}-{method}-{label}-seed{seed}"
+    return f"{args.model}-e{args.epochs}-{method}-{label}-seed{seed}"
+
+
+def train(method: str, target: float | None, seed: int, args: argparse.Namespace, *,
+          address: str, env: dict[str, str]) -> None:
+    """One ``distrib-rda train --json`` run on the cluster at ``address``; the table reads it
+    back from MLflow."""
+    name = run_name(args, method, target, seed)
     cmd = [CLI, "train", "--json", *method_flags(method, target, args.epochs),
            "--model", args.model, "--dataset", args.dataset, "--seed", str(seed),
-           "--workers", str(args.workers), "--experiment", experiment(args, method),
+           "--workers", "1", "--experiment", experiment(args, method),
            "--tracking-uri", args.tracking_uri, "--storage", str(args.storage),
-           "--cache-dir", str(args.cache_dir), "--name", name]
-    if args.address:
-        cmd += ["--address", args.address]
+           "--cache-dir", str(args.cache_dir), "--name", name, "--address", address]
     if args.subset:
         cmd += ["--subset", str(args.subset)]
-    if args.lock:  # one Ray instance on the machine at a time: each run takes the lock
-        cmd = ["flock", str(args.lock), *cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(f"FAILED {name}: {done.stderr[-2000:]}", file=sys.stderr, flush=True)
         return
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{name}: accuracy {summary['accuracy']:.2%} sparsity {summary['sparsity']:.2%} "
           f"({summary['seconds']:.0f} s)", flush=True)
+
+
+@contextmanager
+def local_cluster(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real cluster of ``args.nodes`` one-CPU nodes (``cluster/local.sh``) for the time of
+    the block, under ``flock args.lock`` if given; yields its address and the environment of a
+    client (its token)."""
+    state = Path(args.storage) / "cluster"
+    lock = open(args.lock, "a") if args.lock else None  # noqa: SIM115 - held for the block
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([str(LOCAL_CLUSTER), "start", "--workers", str(args.nodes),
+                        "--state-dir", str(state)], check=True, stdout=subprocess.DEVNULL)
+        try:
+            addresses = dict(line.split("=", 1) for line in
+                             (state / "addresses").read_text().split())
+            env = {**os.environ, "RAY_AUTH_MODE": "token",
+                   "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
+            yield addresses["gcs"], env
+        finally:
+            subprocess.run([str(LOCAL_CLUSTER), "stop", "--state-dir", str(state)],
+                           check=False, stdout=subprocess.DEVNULL)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def finished_names(args: argparse.Namespace) -> set[str]:
+    """The names of the runs already finished in the store."""
+    client = MlflowClient(args.tracking_uri)
+    names = set()
+    for method in args.methods:
+        found = client.get_experiment_by_name(experiment(args, method))
+        if found is not None:
+            names |= {point.run_name for point in finished_runs(client, found.experiment_id)}
+    return names
 
 
 def stored_results(args: argparse.Namespace) -> list[dict]:
@@ -160,25 +204,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[DENSE, "gmp", "rda"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--subset", type=int, default=None, help="train on the first N images")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at once")
-    parser.add_argument("--address", default=None,
-                        help="a running Ray cluster for every run (needed for --parallel > 1: "
-                             "one cluster, not one Ray instance per run)")
+    parser.add_argument("--nodes", type=int, default=2,
+                        help="one-CPU nodes of the local cluster: runs at once, one worker each")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing; print the table and draw the plot from the store")
-    parser.add_argument("--workers", type=int, default=1, help="DDP workers per run")
     parser.add_argument("--lock", type=Path, default=None,
-                        help="run each training under `flock FILE`, so that other jobs that "
-                             "start Ray on this machine take turns with it")
+                        help="hold `flock FILE` while each seed's cluster runs, so that other "
+                             "jobs that start Ray on this machine take turns with it")
     parser.add_argument("--prefix", default="frontier")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{Path('frontier-mlflow.db').absolute()}")
     parser.add_argument("--storage", type=Path, default=Path("frontier-results").absolute())
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/distrib-rda"))
     parser.add_argument("--out", default=None, help="the plot (default: frontier-MODEL-eE.png)")
     args = parser.parse_args()
-    jobs = [(method, None if method == DENSE else target, seed)
-            for method in args.methods for target in ([None] if method == DENSE else args.targets)
-            for seed in args.seeds]
+    jobs = {seed: [(method, None if method == DENSE else target, seed)
+                   for method in args.methods
+                   for target in ([None] if method == DENSE else args.targets)]
+            for seed in args.seeds}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -189,10 +231,15 @@ def main() -> None:
         half = args.epochs // 2
         print(f"{args.model} on {args.dataset} ({args.subset or 'all'} training images, the "
               f"whole test set), {args.epochs} epochs per run (RDA: {args.epochs - half} + "
-              f"{half} fine-tune), batch 128, {args.workers} worker(s), seeds {args.seeds}, "
-              f"{len(jobs)} runs, {args.parallel} at once", flush=True)
-        with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda job: train(*job, args), jobs))
+              f"{half} fine-tune), batch 128, 1 worker per run, seeds {args.seeds}, "
+              f"{sum(map(len, jobs.values()))} runs, {args.nodes} at once", flush=True)
+        for seed_jobs in jobs.values():
+            done = finished_names(args)
+            todo = [job for job in seed_jobs if run_name(args, *job) not in done]
+            if not todo:
+                continue
+            with local_cluster(args) as (address, env), ThreadPoolExecutor(args.nodes) as pool:
+                list(pool.map(lambda job: train(*job, args, address=address, env=env), todo))
     methods = list(dict.fromkeys(args.methods))
     out = args.out or f"frontier-{args.model}-e{args.epochs}.png"
     subprocess.run([CLI, "pareto", "--experiment", experiment(args, methods[-1]), "--compare",
