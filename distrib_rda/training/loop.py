@@ -168,10 +168,11 @@ def epoch_metrics(module: nn.Module, epoch: int, train_loss: float, accuracy: fl
 
 
 def first_images(loader, count: int = 2) -> torch.Tensor | None:
-    """The first ``count`` images of ``loader`` (normalized, on the CPU): the input example of
-    the logged MLflow Model."""
+    """The first ``count`` images of ``loader`` (normalized, on the CPU, contiguous whatever
+    the loader's layout): the input example of the logged MLflow Model."""
     for images, _ in loader:
-        return images[:count].detach().cpu().clone()
+        return images[:count].detach().to("cpu", memory_format=torch.contiguous_format,
+                                          copy=True)
     return None
 
 
