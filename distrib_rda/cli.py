@@ -148,37 +148,68 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, key, None) is not None}
 
 
+# Each command checks its input (distrib_rda.preflight) before it imports torch, Ray or
+# MLflow, which take seconds: bad input is refused at once, and nothing is written.
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)  # before torch, Ray and MLflow are imported: a typo is quick
+    from distrib_rda import preflight
+    from distrib_rda.terminal import say
+
+    cfg = config_from_args(args)
+    plan = preflight.check_train(cfg)
+    say(f"{'resuming' if plan.resumed else 'starting'} {plan.cfg.name}: {cfg.model} on "
+        f"{cfg.dataset} with {cfg.optimizer}; loading torch, Ray and MLflow ...")
     from distrib_rda.training import run_training
 
     run_training(cfg, json_output=args.json)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from distrib_rda.data import convert
+    from distrib_rda.data.convert import convert
+    from distrib_rda.terminal import say
 
+    say(f"converting {args.dataset} into {args.out} ...")
     convert(args.dataset, args.out, data_root=args.data_root, download=args.download,
-            force=args.force)
+            force=args.force, image_size=args.image_size)
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
+    from distrib_rda import preflight
+    from distrib_rda.locations import resolve_locations
     from distrib_rda.search.space import load_space
+    from distrib_rda.terminal import say
 
     spec = load_space(args.space, overrides=config_overrides(args), trials=args.trials,
-                      max_concurrent=args.max_concurrent)  # before Ray: a typo is quick
+                      max_concurrent=args.max_concurrent)
+    spec.base = resolve_locations(spec.base)
+    preflight.check_search(spec, resume=args.resume)
+    say(f"{'resuming' if args.resume else 'starting'} search '{spec.name}': {spec.trials} "
+        f"trials; loading torch, Ray and MLflow ...")
     from distrib_rda.search.tune import run_search
 
     run_search(spec, resume=args.resume)
 
 
 def _cmd_pareto(args: argparse.Namespace) -> None:
+    from distrib_rda.locations import default_tracking_uri
+    from distrib_rda.preflight import check_pareto
+
+    check_pareto(default_tracking_uri(args.tracking_uri), args.out, force=args.force)
     from distrib_rda.search import pareto_report
 
-    pareto_report([args.experiment, *args.compare], tracking_uri=args.tracking_uri, out=args.out)
+    pareto_report([args.experiment, *args.compare], tracking_uri=args.tracking_uri, out=args.out,
+                  force=args.force)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
+    from distrib_rda.locations import default_tracking_uri
+    from distrib_rda.preflight import check_export
+    from distrib_rda.terminal import say
+
+    check_export(args.source, args.out, default_tracking_uri(args.tracking_uri),
+                 force=args.force)
+    say(f"exporting {args.source} to {args.out} ...")
     from distrib_rda.export import export_sparse
 
     export_sparse(args.source, args.out, tracking_uri=args.tracking_uri, force=args.force)
@@ -191,44 +222,69 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
     train = verbs.add_parser("train", help="train one model on Ray Train, logged to MLflow")
-    train.add_argument("--config", type=Path, help="YAML file of config keys; flags override it")
+    train.add_argument("--config", type=Path, metavar="FILE",
+                       help="YAML file of config keys; flags override it (default: none)")
     train.add_argument("--json", action="store_true",
-                       help="end standard output with one JSON line of the results")
+                       help="end standard output with one JSON line of the results "
+                            "(default: off)")
     add_config_flags(train)
     train.set_defaults(run=_cmd_train)
 
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(
         dest="data_verb", required=True, metavar="COMMAND")
     convert = data.add_parser("convert", help="write DIR/train.beton, test.beton and meta.json")
-    convert.add_argument("dataset",
+    convert.add_argument("dataset", metavar="DATASET",
                          help="fashion-mnist, mnist, cifar10, cifar100 or imagefolder:PATH")
-    convert.add_argument("--out", type=Path, required=True)
-    convert.add_argument("--data-root", type=Path)
-    convert.add_argument("--download", action="store_true")
-    convert.add_argument("--force", action="store_true", help="overwrite an existing output")
+    convert.add_argument("--out", type=Path, required=True, metavar="DIR",
+                         help="the directory to write (required)")
+    convert.add_argument("--data-root", type=Path, metavar="DIR",
+                         help="where torchvision-layout datasets live (default: none)")
+    convert.add_argument("--download", action="store_true",
+                         help="let torchvision download a missing dataset (default: off)")
+    convert.add_argument("--image-size", type=_parse_int, metavar="N",
+                         help=_help("image_size", config_fields()["image_size"]))
+    convert.add_argument("--force", action="store_true",
+                         help="overwrite an existing output (default: off)")
     convert.set_defaults(run=_cmd_convert)
 
     tune = verbs.add_parser("tune", help="search a tune/ space with Ray Tune")
-    tune.add_argument("space", type=Path,
+    tune.add_argument("space", type=Path, metavar="SPACE",
                       help="a search-space YAML, such as tune/fashion_mnist_lenet5.yaml")
-    tune.add_argument("--trials", type=_parse_int, help="number of trials (default: the file's)")
-    tune.add_argument("--max-concurrent", type=_parse_int, help="trials running at once")
-    tune.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    tune.add_argument("--trials", type=_parse_int, metavar="N",
+                      help="number of trials (default: the file's search.trials, else 8; >= 1)")
+    tune.add_argument("--max-concurrent", type=_parse_int, metavar="N",
+                      help="trials running at once (default: the file's "
+                           "search.max_concurrent, else 1; >= 1)")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue an interrupted search (default: off)")
     add_config_flags(tune)
     tune.set_defaults(run=_cmd_tune)
 
     pareto = verbs.add_parser("pareto", help="print and plot sparsity/accuracy fronts from MLflow")
-    pareto.add_argument("--experiment", required=True)
-    pareto.add_argument("--compare", nargs="*", default=[], metavar="NAME")
-    pareto.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    pareto.add_argument("--out", type=Path, help="write the overlaid fronts to this PNG")
+    pareto.add_argument("--experiment", required=True, metavar="NAME",
+                        help="the MLflow experiment (required)")
+    pareto.add_argument("--compare", nargs="*", default=[], metavar="NAME",
+                        help="more experiments to overlay (default: none)")
+    pareto.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
+                        help="the MLflow store to read, never created (default: "
+                             "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    pareto.add_argument("--out", type=Path, metavar="FILE",
+                        help="write the overlaid fronts to this image, its type by the suffix: "
+                             ".png, .pdf, .svg, ... (default: none)")
+    pareto.add_argument("--force", action="store_true",
+                        help="overwrite an existing --out (default: off)")
     pareto.set_defaults(run=_cmd_pareto)
 
     export = verbs.add_parser("export", help="write a model's non-zeros in a sparse format")
-    export.add_argument("source", help="an MLflow run id, or a checkpoint file or directory")
-    export.add_argument("--out", type=Path, required=True)
-    export.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    export.add_argument("--force", action="store_true", help="overwrite an existing output")
+    export.add_argument("source", metavar="SOURCE",
+                        help="an MLflow run id, or a checkpoint file or directory")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="the sparse file to write (required)")
+    export.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
+                        help="where a run id is looked up, never created (default: "
+                             "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    export.add_argument("--force", action="store_true",
+                        help="overwrite an existing --out (default: off)")
     export.set_defaults(run=_cmd_export)
     return parser
 

@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from distrib_rda.data.sources import DATASETS, check_dataset_name
+from distrib_rda.data.sources import DATASETS, IMAGEFOLDER, check_dataset_name
 from distrib_rda.errors import UserError
 from distrib_rda.models import MODELS, check_spec
 from distrib_rda.optimizers import OPTIMIZERS, Integer, Number, OptimizerSettings, Switch
@@ -77,6 +77,9 @@ class TrainConfig(BaseModel):
     cache_dir: Path = Field(Path("~/.cache/distrib-rda"),
                             description="where converted .beton files are kept")
     subset: Integer | None = Field(None, ge=1, description="train on the first N training images")
+    image_size: Integer | None = Field(
+        None, ge=4, le=4096, description="imagefolder: resize every image to N x N pixels; "
+        "without it, images of mixed sizes are refused")
     augment: Switch | None = Field(
         None, description="crop+flip augmentation; default: on for 32x32 colour data only")
     loader_workers: Integer = Field(2, ge=1, le=64, description="FFCV loader threads per worker")
@@ -179,6 +182,9 @@ class TrainConfig(BaseModel):
         if any(epoch > self.optimizer_epochs for epoch in getattr(self.optim, "restart", ())):
             raise ValueError(f"restart epochs must be within the {self.optimizer_epochs} epochs "
                              "of the optimizer (not in the fine-tune)")
+        if self.image_size is not None and not self.dataset.startswith(IMAGEFOLDER):
+            raise ValueError(f"image_size (--image-size) applies to imagefolder:PATH datasets "
+                             f"only, not {self.dataset}")
         if self.sync_every > 1 and not self.optim.dual_averaging:
             raise ValueError("sync_every > 1 (local dual averaging) needs optimizer: rda")
         if self.batch_size < self.workers:
@@ -374,6 +380,8 @@ def load_yaml(path: Path | str, *, what: str = "config file") -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file: missing, unreadable, binary,
     malformed, a duplicate key, or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a {what}")
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what}")
     try:

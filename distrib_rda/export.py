@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from distrib_rda.atomic import atomic_output
 from distrib_rda.errors import UserError
 from distrib_rda.safe_load import torch_load
 
@@ -65,15 +66,13 @@ def export_sparse(source: str | os.PathLike, out: str | os.PathLike, *,
     Returns :func:`write_export`'s report with ``"source"`` added. ``tracking_uri`` is where a
     run id is looked up; its default gives way to ``MLFLOW_TRACKING_URI``.
     """
-    from distrib_rda.tracking import default_tracking_uri
+    from distrib_rda.locations import default_tracking_uri
+    from distrib_rda.preflight import check_export
 
-    out = Path(out)
-    if out.is_dir():
-        raise ExportError(f"--out {out}: is a directory; give a file name")
-    if out.exists() and not force:
-        raise ExportError(f"--out {out}: already exists; pass --force to overwrite it")
+    tracking_uri = default_tracking_uri(tracking_uri)
+    out = check_export(str(source), out, tracking_uri, force=force)
     with tempfile.TemporaryDirectory() as tmp:
-        path = resolve_source(str(source), default_tracking_uri(tracking_uri), Path(tmp))
+        path = resolve_source(str(source), tracking_uri, Path(tmp))
         state, config, model_args, preprocessing = read_source(path)
     report = {"source": str(source), **write_export(
         state, out=out, config=config, model_args=model_args, preprocessing=preprocessing,
@@ -228,6 +227,10 @@ def download_run_model(run_id: str, tracking_uri: str, tmp: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from distrib_rda.terminal import quiet_mlflow
+
+    quiet_mlflow()
+
     error_line = ""
     for artifact in (RUN_SPARSE_ARTIFACT, RUN_ARTIFACT):
         try:
@@ -261,19 +264,8 @@ def read_source(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict 
 
 def write_atomic(payload: Any, out: Path, *, force: bool) -> None:
     """torch.save to a temp file beside ``out``, then rename; never clobber without ``force``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:  # a file object: the same archive name whatever ``out``
-            torch.save(payload, file)
-        if force:
-            os.replace(tmp, out)
-        else:
-            os.link(tmp, out)  # fails if ``out`` appeared meanwhile
-    except FileExistsError:
-        raise ExportError(f"--out {out}: already exists; pass --force to overwrite it") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(out, force=force) as tmp, open(tmp, "wb") as file:
+        torch.save(payload, file)  # a file object: the same archive name whatever ``out``
 
 
 class _ByteCounter:

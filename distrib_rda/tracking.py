@@ -24,6 +24,11 @@ replace the defaults of ``--tracking-uri`` and ``--storage``. Inside a Ray job, 
 directory is Ray's temporary copy, a relative path is refused before any work. With a sqlite
 store, experiments are created with their artifacts beside the database file, never under the
 current directory; with a server, the server decides.
+
+MLflow is imported where it is used, not with this module: every Train worker imports this
+module (:func:`preprocessing_of`) and the Train controller unpickles its callback from it, and
+a worker never logs to MLflow, while the controller needs it only at its first checkpoint.
+Importing MLflow costs a second or more of CPU in each process that does.
 """
 
 from __future__ import annotations
@@ -41,16 +46,27 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 
 from distrib_rda.config import TrainConfig
 from distrib_rda.errors import UserError
+from distrib_rda.locations import (  # noqa: F401 - where records go, re-exported here
+    DEFAULT_STORAGE,
+    DEFAULT_TRACKING_URI,
+    RAY_JOB_ENV,
+    STORAGE_ENV,
+    TRACKING_ENV,
+    default_tracking_uri,
+    ray_job_directory,
+    resolve_locations,
+    resolve_tracking_uri,
+)
 from distrib_rda.safe_load import torch_load
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +81,6 @@ CHECKPOINT_FILE = "checkpoint.pt"  # what distrib_rda.training.checkpoint writes
 EPOCH_MARKER = "epoch_seconds"  # written last for each epoch: an epoch is logged iff it has it
 MAX_BATCH = 1000
 
-STORAGE_ENV = "DISTRIB_RDA_STORAGE"
-TRACKING_ENV = "MLFLOW_TRACKING_URI"
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the job's driver
-DEFAULT_TRACKING_URI: str = TrainConfig.model_fields["tracking_uri"].default
-DEFAULT_STORAGE: Path = TrainConfig.model_fields["storage"].default
 
 # Config keys about where and how a run ran, not what it is: tags, not params.
 PLACEMENT_KEYS = ("address", "storage", "cache_dir", "tracking_uri", "loader_workers",
@@ -86,66 +97,12 @@ class TrainingError(UserError):
     """The run failed; the message gives the cause."""
 
 
-# --- where records go -----------------------------------------------------------------------
-
-
-def resolve_tracking_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///file.db`` absolute, so every process writes the same file."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
-    return uri
-
-
-def default_tracking_uri(uri: str) -> str:
-    """``uri``, or ``MLFLOW_TRACKING_URI`` where ``uri`` is the built-in default."""
-    if uri == DEFAULT_TRACKING_URI and os.environ.get(TRACKING_ENV):
-        return os.environ[TRACKING_ENV]
-    return uri
-
-
-def ray_job_directory() -> Path | None:
-    """The working directory of this process if it is a Ray job's driver, else None.
-
-    ``ray job submit`` runs the entrypoint in a copy of ``--working-dir`` inside Ray's session
-    folder, which Ray deletes with the cluster.
-    """
-    return Path.cwd() if RAY_JOB_ENV in os.environ else None
-
-
-def resolve_locations(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with its MLflow store and checkpoint storage made absolute, before any work.
-
-    The defaults give way to ``MLFLOW_TRACKING_URI`` and ``DISTRIB_RDA_STORAGE``. Inside a Ray
-    job a path relative to the working directory would be lost with the cluster: refused.
-    """
-    uri = default_tracking_uri(cfg.tracking_uri)
-    storage = Path(cfg.storage)
-    if storage == DEFAULT_STORAGE and os.environ.get(STORAGE_ENV):
-        storage = Path(os.environ[STORAGE_ENV])
-    storage = storage.expanduser()
-    job_dir = ray_job_directory()
-    if job_dir is not None:
-        lost = []
-        if uri.startswith("sqlite:///") and _inside(Path(uri[len("sqlite:///"):]), job_dir):
-            lost.append(f"--tracking-uri {uri} (or {TRACKING_ENV})")
-        if _inside(storage, job_dir):
-            lost.append(f"--storage {storage} (or {STORAGE_ENV})")
-        if lost:
-            raise UserError(
-                f"inside a Ray job, whose working directory {job_dir} is Ray's temporary copy "
-                f"that is deleted with the cluster, give {' and '.join(lost)} as a server URI or "
-                "an absolute path every node sees; cluster/local.sh, the cloud configs and the "
-                "KubeRay manifests set both variables for their jobs")
-    return cfg.replace(tracking_uri=resolve_tracking_uri(uri), storage=storage.resolve())
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    """Whether ``path`` (relative ones against the working directory) lies in ``directory``."""
-    return (Path.cwd() / path.expanduser()).resolve().is_relative_to(directory.resolve())
+# --- where records go (distrib_rda.locations) ----------------------------------------------
 
 
 def client_for(uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
 
 
@@ -189,6 +146,8 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment ``name``, created if needed, shown as model training in the UI."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -291,6 +250,8 @@ def log_epochs(client: MlflowClient, run_id: str, history: list[dict[str, Any]])
     Returns the number of epochs written. ``epoch_seconds`` is written last in each batch, so
     its presence marks an epoch as complete.
     """
+    from mlflow.entities import Metric
+
     done = logged_epochs(client, run_id)
     written = 0
     now = int(time.time() * 1000)
@@ -383,6 +344,8 @@ class TrackedRun:
         """Create the run for ``run_key``, or reopen the existing one (a resumed job or trial).
 
         A new run gets the params, the placement tags and, with ``beton_dir``, the dataset."""
+        from mlflow.entities import Param, RunTag
+
         client = client_for(cfg.tracking_uri)
         experiment = experiment_id(client, cfg.experiment, cfg.tracking_uri)
         existing = find_run(client, experiment, run_key)
@@ -458,6 +421,8 @@ class TrackedRun:
 
     def _record(self, state: dict[str, Any], summary: dict[str, Any], *,
                 register: str | None) -> dict[str, Any]:
+        from mlflow.entities import Metric, RunTag
+
         from distrib_rda.export import write_export
 
         client, run_id = self.client, self.run_id
@@ -517,6 +482,8 @@ class TrackedRun:
 
     def _logged_model_id(self) -> str | None:
         """The model this run already logged (a rerun of a finished run logs no second one)."""
+        from mlflow.entities import LoggedModelStatus
+
         experiment = self.experiment_id or self.client.get_run(self.run_id).info.experiment_id
         found = self.client.search_logged_models(
             [experiment], filter_string=f"source_run_id = '{self.run_id}' AND name = "

@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from distrib_rda.data import (
     ensure_converted,
     sources,
 )
-from distrib_rda.data.cache import lock_file
+from distrib_rda.data.cache import cache_key, lock_file
 from distrib_rda.data.convert import write_dataset
 from distrib_rda.data.sources import Arrays, read_idx
 from distrib_rda.errors import UserError
@@ -360,6 +361,46 @@ def test_imagefolder(tmp_path, mode, split):
     assert y.tolist() == [["cat", "dog", "emu"].index(Path(p).parent.name) for p in test_files]
 
 
+def test_imagefolder_of_mixed_sizes_is_refused_or_resized_to_the_size_named(tmp_path):
+    from PIL import Image
+
+    for label, sizes in (("cat", [(6, 6), (9, 5)]), ("dog", [(6, 6), (6, 6)])):
+        (tmp_path / "tree" / label).mkdir(parents=True)
+        for i, (height, width) in enumerate(sizes):
+            Image.fromarray(np.full((height, width), 50 * i, np.uint8)).save(
+                tmp_path / "tree" / label / f"{i}.png")
+    dataset = f"imagefolder:{tmp_path / 'tree'}"
+    with pytest.raises(DataSourceError, match=r"2 sizes .*6x6: 3 file.*5x9: 1 file.*--image-s"):
+        convert(dataset, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    meta = convert(dataset, tmp_path / "out", image_size=4)
+    assert meta.shape == (4, 4, 1)
+    assert "4 of 4 images resized to 4x4 (--image-size 4)" in meta.source
+    resized = sources.resolve_source(dataset, image_size=4)
+    plain = sources.resolve_source(dataset)
+    assert resized.peek().shape == (4, 4, 1)
+    assert cache_key(resized) != cache_key(plain)  # another size, another cached copy
+
+
+def test_a_dataset_of_one_class_is_refused(tmp_path):
+    _image_tree(tmp_path / "tree", mode="L", split=False)
+    for label in ("dog", "emu"):
+        shutil.rmtree(tmp_path / "tree" / label)
+    with pytest.raises(DataSourceError, match="one class, 'cat'; a classifier needs two"):
+        sources.resolve_source(f"imagefolder:{tmp_path / 'tree'}")
+
+
+def test_peek_reads_headers_only_and_agrees_with_the_conversion(tmp_path):
+    _image_tree(tmp_path / "tree", mode="RGB", split=True)
+    source = sources.resolve_source(f"imagefolder:{tmp_path / 'tree'}")
+    facts = source.peek()
+    meta = convert(f"imagefolder:{tmp_path / 'tree'}", tmp_path / "out")
+    assert (facts.num_train, facts.num_test, facts.classes, facts.shape) == \
+        (meta.num_train, meta.num_test, meta.classes, meta.shape)
+    fashion = sources.resolve_source("fashion-mnist").peek()
+    assert (fashion.num_train, fashion.num_test, fashion.shape) == (60000, 10000, (28, 28, 1))
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -445,7 +486,7 @@ def test_truncated_idx_file_is_named(tmp_path):
 
 
 def test_unknown_dataset_lists_the_allowed_ones(tmp_path):
-    allowed = r"'imagenet'.*fashion-mnist, mnist, cifar10, cifar100, or imagefolder:PATH"
+    allowed = r"'imagenet'.*fashion-mnist, mnist, cifar10, cifar100, imagefolder:PATH"
     with pytest.raises(DataSourceError, match=allowed):
         convert("imagenet", tmp_path / "out")
 

@@ -491,7 +491,7 @@ def test_search_killed_and_resumed(ray_local, tmp_path, beton_cache, tracking_ur
         "cache_dir": str(beton_cache)})
     out = capsys.readouterr().out
     assert outcome["trials"] == outcome["finished"] == 4 and outcome["errored"] == 0
-    # Tune's progress table, with the searched parameters and both objectives
+    # the search's progress: each finished trial with its searched values and both objectives
     table = [line for line in out.splitlines() if "lambda_" in line and "gamma" in line]
     assert table and "accuracy" in table[-1] and "sparsity" in table[-1], out[-3000:]
 

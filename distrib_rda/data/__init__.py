@@ -16,6 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# The function shares its name with its module. Bound here, once the module is loaded (it
+# needs only numpy), so that `from distrib_rda.data import convert` is always the function:
+# a submodule imported later would otherwise leave the module under that name.
+from distrib_rda.data.convert import convert  # noqa: F401 - re-exported (__all__)
+
 _WHERE = {
     "DATASETS": "sources", "resolve_source": "sources", "check_dataset_name": "sources",
     "ensure_converted": "cache", "check_beton": "convert", "convert": "convert",

@@ -23,7 +23,6 @@ import numpy as np
 
 from distrib_rda.data.meta import FILES, DatasetMeta, DataSourceError
 from distrib_rda.data.sources import Arrays, resolve_source
-from distrib_rda.data.threads import import_ffcv
 
 FIELD_NAMES = ("image", "label")
 
@@ -35,24 +34,29 @@ def convert(
     data_root: str | Path | None = None,
     download: bool = False,
     force: bool = False,
+    image_size: int | None = None,
 ) -> DatasetMeta:
     """Write ``out_dir/{train.beton,test.beton,meta.json}`` for ``dataset``; return its metadata.
 
     ``dataset`` is ``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100`` or
-    ``imagefolder:PATH`` (see :mod:`distrib_rda.data.sources`). Raises
-    :class:`DataSourceError` before any work if the source is missing or the output exists
-    and ``force`` is false.
+    ``imagefolder:PATH`` (see :mod:`distrib_rda.data.sources`); ``image_size`` resizes an
+    imagefolder's images to that many pixels square. Raises :class:`DataSourceError` before
+    any work if the source is missing or refused (one class, mixed sizes), or the output
+    cannot be written, or it exists and ``force`` is false.
     """
+    from distrib_rda.preflight import check_directory
+
     out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise DataSourceError(f"--out {out} is a file; give a directory.")
+    check_directory(out, "--out")
     existing = [str(out / name) for name in FILES if (out / name).exists()]
     if existing and not force:
         raise DataSourceError(
             f"{', '.join(existing)} already exist; pass --force to overwrite them, or choose "
             "another --out."
         )
-    source = resolve_source(dataset, data_root=data_root, download=download)
+    source = resolve_source(dataset, data_root=data_root, download=download,
+                            image_size=image_size)
+    source.peek()  # classes and image sizes, from headers: refused before the pixels are read
     arrays = source.load()
     meta = write_dataset(
         arrays, out, dataset=source.dataset, source=source.description + arrays.note
@@ -134,6 +138,8 @@ class _Samples:
 
 def write_beton(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write one ``.beton``: ``image`` NDArrayField(uint8, (H, W, C)), ``label`` IntField."""
+    from distrib_rda.data.threads import import_ffcv  # torch and ffcv: only when writing
+
     import_ffcv()
     from ffcv.fields import IntField, NDArrayField
     from ffcv.memory_allocator import MemoryAllocator
@@ -172,6 +178,8 @@ def check_beton(path: Path, meta: DatasetMeta, num_samples: int) -> None:
     sample count, and that every sample's data lies inside the file (FFCV memory-maps the file
     and would crash, not raise, on a pointer past its end). Pixel bytes are not checksummed.
     """
+    from distrib_rda.data.threads import import_ffcv  # torch and ffcv: only when reading
+
     import_ffcv()
     from ffcv.fields import IntField, NDArrayField
     from ffcv.reader import Reader

@@ -16,19 +16,27 @@ Datasets:
 - ``imagefolder:PATH``: one folder per class. With ``PATH/train/`` and ``PATH/test/`` (or
   ``PATH/val/``) those are the splits; otherwise the last tenth of each class's files (sorted
   by name; at least one of a class with two or more) is held out for test. Images that are
-  all greyscale stay one channel, others become RGB; images whose size differs from the first
-  one's are resized to it (bilinear).
+  all greyscale stay one channel, others become RGB. Images of mixed sizes are refused unless
+  an ``image_size`` N is named (``--image-size``): then every image is resized to N x N
+  (bilinear), and the conversion says how many were.
+
+Every source can be looked at without reading its pixels (:meth:`Source.peek`: image counts,
+classes and shape, from file headers), so that a run is checked before any work; and every
+dataset needs at least two classes.
 """
 
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +84,8 @@ CIFAR = {
     },
 }
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+# The image files an ImageFolder tree may hold (torchvision's list).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -91,29 +101,58 @@ class Arrays:
 
 
 @dataclass(frozen=True)
+class Facts:
+    """What a dataset is, known without reading its pixels: image counts (``None`` where only
+    reading the pixels tells), class names and the image shape ``(H, W, C)`` that conversion
+    gives."""
+
+    num_train: int | None
+    num_test: int | None
+    classes: tuple[str, ...]
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
 class Source:
-    """A located dataset: its files (for cache keys) and how to read them."""
+    """A located dataset: its files (for cache keys), how to read them, and how to peek at
+    them (:class:`Facts` from headers only). ``options`` are what changes the converted
+    pixels besides the files (``image_size``): part of the cache key."""
 
     dataset: str
     description: str
     files: tuple[Path, ...]
     reader: Callable[[], Arrays]
+    peeker: Callable[[], Facts]
+    options: str = ""
 
     def load(self) -> Arrays:
         arrays = self.reader()
         _check_arrays(self.dataset, arrays)
         return arrays
 
+    def peek(self) -> Facts:
+        """The dataset's :class:`Facts`, checked (two classes at least), without its pixels."""
+        facts = self.peeker()
+        _check_classes(self.dataset, facts.classes)
+        return facts
+
 
 def resolve_source(
-    dataset: str, *, data_root: str | Path | None = None, download: bool = False
+    dataset: str, *, data_root: str | Path | None = None, download: bool = False,
+    image_size: int | None = None,
 ) -> Source:
-    """Locate ``dataset``'s files, downloading them with torchvision if ``download`` and missing."""
+    """Locate ``dataset``'s files, downloading them with torchvision if ``download`` and missing.
+
+    ``image_size`` (imagefolder only) resizes every image to that many pixels square."""
     root = Path(data_root).expanduser().resolve() if data_root is not None else None
     if dataset.startswith(IMAGEFOLDER) and len(dataset) > len(IMAGEFOLDER):
-        return _imagefolder(Path(dataset[len(IMAGEFOLDER):]).expanduser().resolve())
+        return _imagefolder(Path(dataset[len(IMAGEFOLDER):]).expanduser().resolve(),
+                            image_size)
     if dataset not in DATASETS:
         raise DataSourceError(f"unknown dataset {dataset!r}: allowed are {DATASETS.allowed()}")
+    if image_size is not None:
+        raise DataSourceError(f"--image-size {image_size}: applies to imagefolder:PATH "
+                              f"datasets only, not {dataset}")
     return DATASETS[dataset](dataset, root, download)
 
 
@@ -149,7 +188,31 @@ def _idx_source(dataset: str, folder: Path, files: list[Path], classes, descript
             tuple(classes),
         )
 
-    return Source(dataset, description, tuple(files), read)
+    def peek() -> Facts:
+        train, test = idx_dims(files[0]), idx_dims(files[2])
+        for path, dims in ((files[0], train), (files[2], test)):
+            if len(dims) != 3:
+                raise DataSourceError(f"{path}: expected images (N, H, W), found shape {dims}")
+        return Facts(train[0], test[0], tuple(classes), (train[1], train[2], 1))
+
+    return Source(dataset, description, tuple(files), read, peek)
+
+
+def idx_dims(path: Path) -> tuple[int, ...]:
+    """The dimensions in an IDX file's header (``.gz`` or plain), reading only the header."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as stream:
+            head = stream.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08" or not 1 <= head[3] <= 4:
+                raise DataSourceError(
+                    f"{path} is not an IDX file of unsigned bytes; replace the file.")
+            dims = stream.read(4 * head[3])
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataSourceError(f"{path} cannot be read ({error}); replace the file.") from None
+    if len(dims) != 4 * head[3]:
+        raise DataSourceError(f"{path} is truncated; replace the file.")
+    return struct.unpack(f">{head[3]}I", dims)
 
 
 def _torchvision_download(dataset: str, class_name: str, root: Path, **kwargs) -> None:
@@ -295,7 +358,16 @@ def _cifar(dataset: str, root: Path | None, download: bool) -> Source:
             classes,
         )
 
-    return Source(dataset, f"{dataset} from {folder}", tuple(files), read)
+    def peek() -> Facts:
+        meta = _unpickle(folder / spec["meta"][0])
+        names = meta.get(spec["meta"][1])
+        if not isinstance(names, (list, tuple)):
+            raise DataSourceError(
+                f"{folder / spec['meta'][0]} has no {spec['meta'][1]!r}; replace the file.")
+        # The counts are known once the batches are unpickled, at conversion.
+        return Facts(None, None, tuple(str(name) for name in names), (32, 32, 3))
+
+    return Source(dataset, f"{dataset} from {folder}", tuple(files), read, peek)
 
 
 for _name, _spec in CIFAR.items():
@@ -334,54 +406,81 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
 # --------------------------------------------------------------------------- ImageFolder
 
 
+LAYOUT = ("one folder per class holding images (PATH/CLASS/*.png), optionally split as "
+          "PATH/train/CLASS/... and PATH/test/CLASS/... (or val/)")
+
+
+def _find_classes(folder: Path) -> list[str]:
+    """The class folders of ``folder``, sorted (hidden ones, such as ``.ipynb_checkpoints``,
+    are not classes)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(folder)
+                      if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as error:
+        raise DataSourceError(f"imagefolder: {folder} cannot be read ({error.strerror}). "
+                              f"Expected {LAYOUT}.") from None
+
+
 def _image_files(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[Path, int]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    try:
-        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as error:
+    """``(file, label)`` of every image file under each class folder, in torchvision's order
+    (sorted walk, sorted names); hidden files are skipped. A class without images is refused."""
+    samples, empty = [], []
+    for name in sorted(class_to_idx):
+        found = [(Path(root) / file, class_to_idx[name])
+                 for root, _, files in sorted(os.walk(folder / name, followlinks=True))
+                 for file in sorted(files)
+                 if not file.startswith(".") and file.lower().endswith(IMG_EXTENSIONS)]
+        if not found:
+            empty.append(name)
+        samples += found
+    if empty:
         raise DataSourceError(
-            f"imagefolder: {error} (image files end in {', '.join(IMG_EXTENSIONS)})."
-        ) from None
-    return [(Path(path), label) for path, label in samples]
+            f"imagefolder: no image files in the class folder(s) {', '.join(empty)} of {folder} "
+            f"(image files end in {', '.join(IMG_EXTENSIONS)}); add images or remove the "
+            "folder(s).")
+    return samples
 
 
-def _imagefolder(path: Path) -> Source:
-    from torchvision.datasets.folder import find_classes
-
-    layout = (
-        "one folder per class holding images (PATH/CLASS/*.png), optionally split as "
-        "PATH/train/CLASS/... and PATH/test/CLASS/... (or val/)"
-    )
+def _imagefolder(path: Path, image_size: int | None = None) -> Source:
+    if image_size is not None and not (isinstance(image_size, int) and 4 <= image_size <= 4096):
+        raise DataSourceError(f"--image-size {image_size}: must be a whole number of pixels "
+                              "from 4 to 4096")
     if not path.is_dir():
-        raise DataSourceError(f"imagefolder: {path} is not a directory. Expected {layout}.")
+        raise DataSourceError(f"imagefolder: {path} is not a directory. Expected {LAYOUT}.")
     test_dir = next((path / name for name in ("test", "val") if (path / name).is_dir()), None)
-    try:
-        if (path / "train").is_dir() and test_dir is not None:
-            classes, class_to_idx = find_classes(path / "train")
-            train = _image_files(path / "train", class_to_idx)
-            test_classes, _ = find_classes(test_dir)
-            unknown = sorted(set(test_classes) - set(classes))
-            if unknown:
-                raise DataSourceError(
-                    f"imagefolder: {test_dir} has classes {unknown} that {path / 'train'} lacks."
-                )
-            test = _image_files(test_dir, {name: class_to_idx[name] for name in test_classes})
-            split = f"{path / 'train'} and {test_dir}"
-        else:
-            classes, class_to_idx = find_classes(path)
-            train, test = _hold_out(_image_files(path, class_to_idx))
-            split = f"{path}, the last tenth of each class's files held out for test"
-    except FileNotFoundError as error:
-        raise DataSourceError(f"imagefolder: {error}. Expected {layout}.") from None
+    if (path / "train").is_dir() and test_dir is not None:
+        classes = _find_classes(path / "train")
+        _check_classes(f"imagefolder:{path / 'train'}", tuple(classes))
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        train = _image_files(path / "train", class_to_idx)
+        test_classes = _find_classes(test_dir)
+        unknown = sorted(set(test_classes) - set(classes))
+        if unknown:
+            raise DataSourceError(
+                f"imagefolder: {test_dir} has classes {unknown} that {path / 'train'} lacks."
+            )
+        test = _image_files(test_dir, {name: class_to_idx[name] for name in test_classes})
+        split = f"{path / 'train'} and {test_dir}"
+    else:
+        classes = _find_classes(path)
+        _check_classes(f"imagefolder:{path}", tuple(classes))
+        class_to_idx = {name: i for i, name in enumerate(classes)}
+        train, test = _hold_out(_image_files(path, class_to_idx))
+        split = f"{path}, the last tenth of each class's files held out for test"
     if not train or not test:
         raise DataSourceError(
             f"imagefolder: {path} gives {len(train)} training and {len(test)} test images; "
-            f"both must be non-empty. Expected {layout}."
+            f"both must be non-empty. Expected {LAYOUT}."
         )
     files = tuple(p for p, _ in train) + tuple(p for p, _ in test)
+
+    def peek() -> Facts:
+        grey, (height, width) = _image_shape(path, files, image_size)
+        return Facts(len(train), len(test), tuple(classes), (height, width, 1 if grey else 3))
+
     return Source(f"imagefolder:{path}", f"imagefolder {split}", files,
-                  lambda: _read_images(train, test, tuple(classes)))
+                  lambda: _read_images(path, train, test, tuple(classes), image_size), peek,
+                  options="" if image_size is None else f"image_size={image_size}")
 
 
 def _hold_out(
@@ -400,38 +499,89 @@ def _hold_out(
     return train, test
 
 
-def _read_images(
-    train: Sequence[tuple[Path, int]], test: Sequence[tuple[Path, int]], classes: tuple[str, ...]
-) -> Arrays:
+def _open_image(file: Path):
+    """``PIL.Image.open(file)`` (the header only: PIL decodes pixels lazily); an unreadable
+    file, or one past Pillow's decompression-bomb limit, is a :class:`DataSourceError`."""
     from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        # Past MAX_IMAGE_PIXELS Pillow only warns (an error from twice that): refused alike.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(file)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise DataSourceError(
+                f"imagefolder: {file} is too large for a training image ({error}); shrink "
+                f"it below {Image.MAX_IMAGE_PIXELS:,} pixels or remove it.") from None
+        except (OSError, UnidentifiedImageError) as error:
+            raise _unreadable(file, error) from None
+
+
+@lru_cache(maxsize=8)
+def _headers(files: tuple[Path, ...],
+             stamps: tuple[tuple[int, int], ...]) -> tuple[frozenset[str], dict]:
+    """The modes of ``files`` and ``{(width, height): [file, ...]}``, from headers only.
+    ``stamps`` (size and mtime of each file) make a changed file a new cache entry."""
+    modes, sizes = set(), {}
+    for file in files:
+        with _open_image(file) as image:
+            modes.add(image.mode)
+            sizes.setdefault(image.size, []).append(file)
+    return frozenset(modes), sizes
+
+
+def _image_shape(path: Path, files: tuple[Path, ...],
+                 image_size: int | None) -> tuple[bool, tuple[int, int]]:
+    """``(grey, (height, width))`` of the converted images: all greyscale stays one channel;
+    the one size of every file, or ``image_size`` square. Mixed sizes without ``image_size``
+    are refused, naming the sizes and a file of each."""
+    try:
+        stamps = tuple((stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, files))
+    except OSError as error:
+        raise DataSourceError(f"imagefolder: {error.filename} cannot be read "
+                              f"({error.strerror}).") from None
+    modes, sizes = _headers(files, stamps)
+    grey = modes <= {"L", "1"}
+    if image_size is not None:
+        return grey, (image_size, image_size)
+    if len(sizes) > 1:
+        common = sorted(sizes.items(), key=lambda item: -len(item[1]))
+        listed = "; ".join(f"{w}x{h}: {len(group)} file(s), e.g. {group[0].name}"
+                           for (w, h), group in common[:4])
+        more = f"; and {len(common) - 4} more sizes" if len(common) > 4 else ""
+        raise DataSourceError(
+            f"imagefolder: {path} holds images of {len(sizes)} sizes (width x height: "
+            f"{listed}{more}); give --image-size N (the YAML key image_size) to resize every "
+            "image to N x N pixels, or make them one size.")
+    (width, height), = sizes
+    return grey, (height, width)
+
+
+def _read_images(
+    path: Path, train: Sequence[tuple[Path, int]], test: Sequence[tuple[Path, int]],
+    classes: tuple[str, ...], image_size: int | None = None,
+) -> Arrays:
+    from PIL import Image
     from tqdm import tqdm
 
     samples = [*train, *test]
-    modes = set()
-    size = None
-    for file, _ in samples:  # headers only: PIL decodes pixels lazily
-        try:
-            with Image.open(file) as image:
-                modes.add(image.mode)
-                size = size or image.size
-        except (OSError, UnidentifiedImageError) as error:
-            raise _unreadable(file, error) from None
-    grey = modes <= {"L", "1"}
-    width, height = size
+    grey, (height, width) = _image_shape(path, tuple(file for file, _ in samples), image_size)
     images = np.empty((len(samples), height, width, 1 if grey else 3), dtype=np.uint8)
     resized = 0
-    for i, (file, _) in enumerate(tqdm(samples, desc="reading images", unit="img")):
-        try:
-            with Image.open(file) as image:
+    for i, (file, _) in enumerate(tqdm(samples, desc="reading images", unit="img",
+                                       mininterval=0.5)):
+        with _open_image(file) as image:
+            try:
                 image = image.convert("L" if grey else "RGB")
                 if image.size != (width, height):
                     image = image.resize((width, height), Image.BILINEAR)
                     resized += 1
                 images[i] = np.asarray(image).reshape(images.shape[1:])
-        except (OSError, UnidentifiedImageError) as error:
-            raise _unreadable(file, error) from None
+            except (OSError, ValueError) as error:  # truncated or damaged pixel data
+                raise _unreadable(file, error) from None
     labels = np.array([label for _, label in samples], dtype=np.int64)
-    note = f"; {resized} images resized to {height}x{width}" if resized else ""
+    note = (f"; {resized} of {len(samples)} images resized to {height}x{width} (--image-size "
+            f"{image_size})" if image_size is not None else "")
     n = len(train)
     return Arrays(images[:n], labels[:n], images[n:], labels[n:], classes, note)
 
@@ -443,7 +593,17 @@ def _unreadable(file: Path, error: Exception) -> DataSourceError:
 # --------------------------------------------------------------------------- checks
 
 
+def _check_classes(dataset: str, classes: tuple[str, ...]) -> None:
+    """A classifier needs two classes at least: with one, every prediction is right."""
+    if len(classes) < 2:
+        found = f"one class, {classes[0]!r}" if classes else "no class"
+        raise DataSourceError(
+            f"{dataset}: {found}; a classifier needs two classes at least"
+            + (f" (imagefolder: {LAYOUT})" if dataset.startswith(IMAGEFOLDER) else "") + ".")
+
+
 def _check_arrays(dataset: str, arrays: Arrays) -> None:
+    _check_classes(dataset, arrays.classes)
     for split in ("train", "test"):
         images = getattr(arrays, f"{split}_images")
         labels = getattr(arrays, f"{split}_labels")

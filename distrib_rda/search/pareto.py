@@ -67,6 +67,17 @@ def _colour_values(knobs: list[tuple[str, float] | None]) -> tuple[list[float], 
     return values, (r"$\log_{10}\,\lambda$" if key == "lambda_" else "target sparsity")
 
 
+def save_figure(fig, out: Path | str, *, force: bool = False) -> Path:
+    """Write ``fig`` to ``out`` whole or not at all (:func:`~distrib_rda.atomic.atomic_output`),
+    in the format its suffix names; an existing file is replaced only with ``force``."""
+    from distrib_rda.atomic import atomic_output
+
+    out = Path(out)
+    with atomic_output(out, force=force) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
+    return out
+
+
 def plot_search(points: list[dict[str, Any]], front: list[int], *, x: str, y: str,
                 modes: tuple[str, str], title: str, out: Path | str) -> Path:
     """One search: every trial as a point coloured by the knob that drives its sparsity
@@ -111,13 +122,11 @@ def plot_search(points: list[dict[str, Any]], front: list[int], *, x: str, y: st
     ax.set_title(title, fontsize="medium")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    out = Path(out)
-    fig.savefig(out)
-    return out
+    return save_figure(fig, out, force=True)  # the search's own plot, redrawn on --resume
 
 
 def plot_fronts(experiments: dict[str, list[dict[str, Any]]],
-                fronts: dict[str, list[int]], *, out: Path | str) -> Path:
+                fronts: dict[str, list[int]], *, out: Path | str, force: bool = False) -> Path:
     """Several experiments in one plot, sparsity (x) against accuracy (y): every run as a
     faint point, each front as a step line, one colour per experiment."""
     from matplotlib.figure import Figure
@@ -142,9 +151,7 @@ def plot_fronts(experiments: dict[str, list[dict[str, Any]]],
                  fontsize="medium", wrap=True)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    out = Path(out)
-    fig.savefig(out)
-    return out
+    return save_figure(fig, out, force=force)
 
 
 def _percent_axes(ax, x: str, y: str) -> None:

@@ -122,17 +122,25 @@ def experiment_id_for(client: MlflowClient, name: str, *, tracking_uri: str) -> 
 
 
 def pareto_report(experiments: list[str], *, tracking_uri: str = "sqlite:///mlflow.db",
-                  out: Path | str | None = None,
+                  out: Path | str | None = None, force: bool = False,
                   console: Console | None = None) -> dict[str, list[dict[str, Any]]]:
     """Print each experiment's sparsity/accuracy front (both maximized) and, with ``out``,
-    plot the fronts overlaid. Every finished run with final ``accuracy`` and ``sparsity``
-    counts: a search's trials and single ``train`` runs alike; a search's parent run does not.
+    plot the fronts overlaid (an image type matplotlib writes, by its suffix; an existing
+    file is replaced only with ``force``). Every finished run with final ``accuracy`` and
+    ``sparsity`` counts: a search's trials and single ``train`` runs alike; a search's parent
+    run does not. The store is read, never created (``MLFLOW_TRACKING_URI`` replaces the
+    default ``tracking_uri``).
 
     Returns ``{experiment: [front member, ...]}``, each member as :meth:`RunPoint.as_dict`.
     """
-    if out is not None and not Path(out).resolve().parent.is_dir():
-        raise UserError(f"--out {out}: directory {Path(out).resolve().parent} does not exist")
-    tracking.check_reachable(tracking_uri)
+    from distrib_rda.preflight import check_pareto
+    from distrib_rda.terminal import quiet_mlflow
+
+    tracking_uri = tracking.default_tracking_uri(tracking_uri)
+    check_pareto(tracking_uri, out, force=force)
+    if not tracking_uri.startswith(("sqlite:///", "http://", "https://")):
+        tracking.check_reachable(tracking_uri)  # a database URI only MLflow can read
+    quiet_mlflow()
     client = tracking.client_for(tracking_uri)
     console = console or Console(width=max(Console().width, 140))
     names = list(dict.fromkeys(experiments))
@@ -156,6 +164,6 @@ def pareto_report(experiments: list[str], *, tracking_uri: str = "sqlite:///mlfl
                         "and sparsity metrics; train or search first")
     if out is not None:
         plotted = {name: [p.metrics for p in points] for name, points in runs.items()}
-        path = plot_fronts(plotted, fronts, out=out)
+        path = plot_fronts(plotted, fronts, out=out, force=force)
         console.print(f"plot: {path}")
     return result

@@ -276,14 +276,18 @@ def load_space(path: Path | str, *, overrides: dict[str, Any] | None = None,
         if dist.kind in ("loguniform", "uniform") and not _is_float_field(key):
             raise ConfigError(f"{where}: {dist.kind} draws real numbers, but {key} is not a "
                               "real number; use choice or grid")
+        space[key] = dist
+    for key, dist in space.items():
+        # each value beside the other searched keys' first values: a searched lambda_ clears
+        # the base's target, so a searched adaptive=True is allowed with it
+        others = {other: d.values[0] for other, d in space.items() if other != key}
         for value in dist.values:
             try:
-                base.replace(**{key: value})
+                base.replace(**{**others, key: value})
             except ConfigError as error:
                 reason = str(error).split("\n", 1)[-1].strip()
-                raise ConfigError(f"{where}: value {value!r} is refused by the training "
-                                  f"config: {reason}") from None
-        space[key] = dist
+                raise ConfigError(f"{path}: space.{key}: value {value!r} is refused by the "
+                                  f"training config: {reason}") from None
     if not space:
         raise ConfigError(f"{path}: space: nothing left to search "
                           f"(every key is fixed by config flags: {', '.join(overrides)})")

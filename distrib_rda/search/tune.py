@@ -30,11 +30,11 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune import CLIReporter
 from rich.console import Console
 
 from distrib_rda import tracking
 from distrib_rda.errors import UserError
+from distrib_rda.preflight import check_data, check_search, facts_of
 from distrib_rda.search.pareto import plot_search
 from distrib_rda.search.report import (
     PARENT_TAG,
@@ -45,6 +45,7 @@ from distrib_rda.search.report import (
     front_table,
 )
 from distrib_rda.search.space import SearchSpec, load_space
+from distrib_rda.terminal import prepare_ray, quiet_mlflow, say
 
 SEARCH_FILE = "search.json"
 # The trial only drives the Train controller (which itself asks for 0 CPUs). A bundle needs
@@ -73,25 +74,26 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
     cfg = spec.base
     search_dir = cfg.storage / spec.name
     state_file = search_dir / SEARCH_FILE
-    if search_dir.exists() and not resume:
-        raise UserError(f"{search_dir}: a search named '{spec.name}' is already there; add "
-                        "--resume to continue it, or --name NEW to start another")
-    if resume and not state_file.is_file():
-        raise UserError(f"--resume: no search '{spec.name}' to resume ({state_file} does not "
-                        "exist); leave out --resume to start it")
-    tracking.check_reachable(cfg.tracking_uri)
+    # Everything checkable is checked before any file is written (distrib_rda.preflight).
+    if not check_search(spec, resume=resume):  # a database URI only MLflow can read
+        tracking.check_reachable(cfg.tracking_uri)
+    quiet_mlflow()
     client = tracking.client_for(cfg.tracking_uri)
     parent_run_id = _check_resume(state_file, spec, client) if resume else None
 
-    # As `train` does: check and convert the data here, before any trial, with progress in
-    # this terminal; workers on other nodes convert into their own node's cache.
-    from distrib_rda.data import ensure_converted
+    # As `train` does: convert the data here, before any trial, with progress in this
+    # terminal, and check the exact counts; workers on other nodes convert into their own
+    # node's cache.
+    from distrib_rda.data import DatasetMeta, ensure_converted
     from distrib_rda.training.driver import check_resources, connect
 
     datasets = spec.space["dataset"].values if "dataset" in spec.space else [cfg.dataset]
     for dataset in datasets:
-        ensure_converted(dataset, data_root=cfg.data_root, download=cfg.download,
-                         cache_dir=cfg.cache_dir)
+        beton_dir = ensure_converted(dataset, data_root=cfg.data_root, download=cfg.download,
+                                     cache_dir=cfg.cache_dir, image_size=cfg.image_size)
+        check_data(cfg.replace(dataset=dataset), facts_of(DatasetMeta.load(beton_dir)))
+    prepare_ray(cfg.address)
+    say(f"starting Ray ({'joining ' + cfg.address if cfg.address else 'a local instance'}) ...")
     connect(cfg.address)
     check_resources(cfg)
     _warn_if_oversubscribed(spec)
@@ -106,8 +108,8 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
         TRIAL_DRIVER_RESOURCES)
     print(f"search '{spec.name}': {spec.trials} trials of {cfg.model} on {cfg.dataset}, "
           f"{spec.search.max_concurrent} at a time, {spec.search.algorithm} over "
-          f"{', '.join(spec.space)}; MLflow parent run {parent_run_id} in experiment "
-          f"'{cfg.experiment}'", flush=True)
+          f"{', '.join(spec.space)}; stored in {search_dir}; MLflow parent run "
+          f"{parent_run_id} in experiment '{cfg.experiment}'", flush=True)
     with _legacy_progress_output():
         if resume and tune.Tuner.can_restore(str(search_dir)):
             tuner = tune.Tuner.restore(str(search_dir), trainable=trainable,
@@ -139,8 +141,9 @@ def _warn_if_oversubscribed(spec: SearchSpec) -> None:
 
 @contextmanager
 def _legacy_progress_output():
-    """Tune's CLIReporter (the table with our parameter and metric columns) is only used by
-    the legacy output engine; Ray 2.60 selects it with ``RAY_AIR_NEW_OUTPUT=0``."""
+    """Tune calls a progress reporter of ours (:class:`~distrib_rda.search.progress.
+    SearchProgress`) only in its legacy output engine; Ray 2.60 selects it with
+    ``RAY_AIR_NEW_OUTPUT=0``."""
     previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
@@ -185,9 +188,10 @@ def _trial_name(trial) -> str:
 
 
 def _run_config(spec: SearchSpec, search_dir: Path) -> tune.RunConfig:
-    metrics = list(dict.fromkeys(["epoch", *spec.metrics, "accuracy", "sparsity"]))
-    reporter = CLIReporter(parameter_columns=list(spec.space), metric_columns=metrics,
-                           max_report_frequency=30)
+    from distrib_rda.search.progress import SearchProgress
+
+    reporter = SearchProgress(keys=list(spec.space), metrics=spec.metrics, total=spec.trials,
+                              search_dir=search_dir)
     return tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent),
                           progress_reporter=reporter, verbose=1,
                           failure_config=tune.FailureConfig(max_failures=0))
@@ -267,7 +271,7 @@ def _run_trial(config: dict[str, Any], *, spec: SearchSpec, parent_run_id: str,
         return
 
     beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
-                                 cache_dir=cfg.cache_dir)
+                                 cache_dir=cfg.cache_dir, image_size=cfg.image_size)
     run = tracking.TrackedRun.start(cfg, run_key=run_key, run_name=trial_name,
                                     parent_run_id=parent_run_id, beton_dir=beton_dir)
     run.client.set_tag(run.run_id, TRIAL_TAG, trial_id)

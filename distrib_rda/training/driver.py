@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +15,16 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from distrib_rda import tracking
+from distrib_rda import preflight, tracking
 from distrib_rda.config import TrainConfig
-from distrib_rda.data import ensure_converted
+from distrib_rda.data import DatasetMeta, ensure_converted
 from distrib_rda.errors import UserError
+from distrib_rda.preflight import CONFIG_FILE, RESUMABLE_KEYS, run_directory
+from distrib_rda.preflight import check_address as check_reachable_address
+from distrib_rda.terminal import prepare_ray, quiet_mlflow, say
 from distrib_rda.tracking import TrainingError
 from distrib_rda.training.loop import MODEL_FACTORY, train_loop_per_worker
 
-CONFIG_FILE = "distrib_rda_config.json"
 WORKER_ENV = {
     # Ray Train routes workers' print() through a logger that echoes each line twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -33,11 +32,13 @@ WORKER_ENV = {
     # at the next report, not block the run in MLflow's minutes-long HTTP retries.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # The Train controller polls its workers every 2 s by default, for their reports and for
+    # their end: a run's last report waits up to two polls before the run ends, and a trial
+    # pays that in every search. Polling is a small actor call; a poll that does not answer in
+    # time is awaited at the next one, so a busy worker is not taken for a dead one.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
-# Keys that may change when a job is resumed; any other change is refused. A finished run
-# rerun with --register NAME is registered without training again.
-RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers", "register"}
-__all__ = ["TrainingError", "build_trainer", "run_training"]
+__all__ = ["CONFIG_FILE", "RESUMABLE_KEYS", "TrainingError", "build_trainer", "run_training"]
 
 
 def connect(address: str | None) -> None:
@@ -47,25 +48,16 @@ def connect(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable_address(address)
+    else:
+        # A new local instance starts one idle worker process per CPU for tasks without a
+        # runtime environment. This job has one (WORKER_ENV), so none of them is ever used,
+        # and starting them takes CPU from the start of the run's own processes.
+        os.environ.setdefault("RAY_enable_worker_prestart", "0")
     try:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise UserError(f"--address {address}: cannot connect to a Ray cluster "
                         f"({str(error).splitlines()[0][:200]})") from None
-
-
-def check_reachable_address(address: str, timeout: float = 5.0) -> None:
-    """Ray retries an unreachable GCS for many minutes; a plain TCP probe answers in seconds."""
-    host_port = address.removeprefix("ray://")
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto", "local" or a name Ray resolves itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as error:
-        raise UserError(f"--address {address}: no Ray cluster answers there ({error}); start "
-                        "one with `ray start --head` or cluster/local.sh, or leave out "
-                        "--address to run on a local instance") from None
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -75,13 +67,6 @@ def check_resources(cfg: TrainConfig) -> None:
     if cfg.workers > have:
         raise UserError(f"--workers {cfg.workers}: the Ray cluster has {have:g} {kind}s, "
                         f"and each worker needs one; use --workers {int(have)} or fewer")
-
-
-def run_directory(cfg: TrainConfig) -> tuple[Path, str]:
-    storage = Path(cfg.storage).expanduser().resolve()
-    model = re.sub(r"[^A-Za-z0-9_.+-]+", "-", cfg.model.rpartition(":")[2])  # a plain name
-    name = cfg.name or f"{model}-{cfg.optimizer}-{datetime.now():%Y%m%d-%H%M%S}"
-    return storage, name
 
 
 def check_model(cfg: TrainConfig, beton_dir: Path,
@@ -106,22 +91,29 @@ def ship_by_value(factory: Callable[..., Any]) -> None:
         cloudpickle.register_pickle_by_value(module)
 
 
-def check_resume(cfg: TrainConfig, directory: Path) -> None:
-    """A job re-run under the same name must have the same config, bar RESUMABLE_KEYS."""
+def save_config(cfg: TrainConfig, directory: Path) -> None:
+    """Create the run's directory and its config file (:data:`CONFIG_FILE`), the first thing
+    a run writes, once every check has passed and Ray is up. A rerun compares against it
+    (:func:`distrib_rda.preflight.check_resume`)."""
     saved_file = directory / CONFIG_FILE
-    current = cfg.to_dict()
     if saved_file.exists():
-        saved = json.loads(saved_file.read_text())
-        changed = sorted(key for key in current
-                         if key not in RESUMABLE_KEYS and saved.get(key) != current[key])
-        if changed:
-            details = ", ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}"
-                                for key in changed)
-            raise UserError(f"--name {directory.name}: resuming with a different config "
-                            f"({details}); pick a new --name to start a new run")
-    else:
+        return
+    try:
         directory.mkdir(parents=True, exist_ok=True)
-        saved_file.write_text(json.dumps(current, indent=2))
+        temporary = directory / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps(cfg.to_dict(), indent=2))
+        os.replace(temporary, saved_file)
+    except OSError as error:
+        raise UserError(f"--storage {directory.parent}: the run's directory {directory} cannot "
+                        f"be written ({error.strerror})") from None
+
+
+def resume_hint(directory: Path) -> str:
+    """What a user can do after a failed run: resume from its last checkpoint, if it has one."""
+    if any(directory.glob("checkpoint_*")):
+        return (f"the last good checkpoint is kept in {directory}; rerun the same command to "
+                "resume from it")
+    return f"no epoch was checkpointed, so nothing is kept in {directory}"
 
 
 def build_trainer(cfg: TrainConfig, *, callbacks=(), storage_path: Path | str | None = None,
@@ -156,27 +148,36 @@ def run_training(cfg: TrainConfig, json_output: bool = False,
                  model_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train, record it in MLflow, and print a summary. A Python caller
     may give its own ``model_factory`` (``cfg.model`` then names it)."""
-    # Where the records go is settled first: a Ray job without a usable place is refused here.
-    cfg = tracking.resolve_locations(cfg)
-    # Converting here checks the source before Ray starts, with progress in this terminal;
-    # workers on other nodes convert into their own node's cache.
+    # Everything checkable is checked first, in about a second, before any file is written:
+    # places, name, store, cluster address and the dataset's size, classes and shape.
+    plan = preflight.check_train(cfg)
+    cfg, directory, name = plan.cfg, plan.directory, plan.cfg.name
+    # Converting here, before Ray starts, shows its progress in this terminal; workers on
+    # other nodes convert into their own node's cache.
     beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
-                                 cache_dir=cfg.cache_dir)
+                                 cache_dir=cfg.cache_dir, image_size=cfg.image_size)
+    preflight.check_data(cfg, preflight.facts_of(DatasetMeta.load(beton_dir)))  # exact counts
     check_model(cfg, beton_dir, model_factory)
-    tracking.check_reachable(cfg.tracking_uri)
-    storage, name = run_directory(cfg)
-    cfg = cfg.replace(name=name)
-    directory = storage / name
-    check_resume(cfg, directory)
+    if not plan.store_checked:  # a database URI only MLflow can read
+        tracking.check_reachable(cfg.tracking_uri)
+    quiet_mlflow()
+    prepare_ray(cfg.address)
+    say(f"starting Ray ({'joining ' + cfg.address if cfg.address else 'a local instance'}) ...")
     connect(cfg.address)
     check_resources(cfg)
+    # The run starts: its directory, its config file and its MLflow run are created now.
+    save_config(cfg, directory)
     run = tracking.TrackedRun.start(cfg, run_key=str(directory), run_name=name,
                                     beton_dir=beton_dir, model_factory=model_factory)
+    say(f"{'resuming' if plan.resumed else 'training'} {name}: {cfg.workers} worker(s), "
+        f"{cfg.epochs} epochs; MLflow run {run.run_id} in experiment '{cfg.experiment}'")
 
     started = time.time()
-    result = run.fit(build_trainer(cfg, callbacks=[run.callback()], model_factory=model_factory),
-                     then=f"the last good checkpoint is kept in {directory}, rerun the same "
-                          "command to resume")
+    try:
+        result = run.fit(build_trainer(cfg, callbacks=[run.callback()],
+                                       model_factory=model_factory))
+    except TrainingError as error:
+        raise TrainingError(f"{error}; {resume_hint(directory)}") from None
     summary, _ = run.finish(result.checkpoint, started=started,
                             register=getattr(cfg, "register", None))
     tracking.print_summary(cfg, summary)
