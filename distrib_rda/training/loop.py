@@ -177,6 +177,7 @@ def first_images(loader, count: int = 2) -> torch.Tensor | None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    began = time.perf_counter()
     quiet_report_logging()
     model_factory = config.get(MODEL_FACTORY)  # a Python API user's own callable
     cfg = TrainConfig.build(**{k: v for k, v in config.items() if k != MODEL_FACTORY})
@@ -193,12 +194,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = state["epoch"] if state else 0
     history: list[dict[str, Any]] = state["history"] if state else []
 
+    loaders_began = time.perf_counter()
     beton_dir = ensure_converted(cfg.dataset, data_root=cfg.data_root, download=cfg.download,
-                                 cache_dir=cfg.cache_dir)
+                                 cache_dir=cfg.cache_dir, image_size=cfg.image_size)
     loaders = build_loaders(beton_dir, batch_size=cfg.per_worker_batch_size, seed=cfg.seed,
                             start_epoch=start_epoch, subset=cfg.subset, augment=cfg.augment,
                             num_workers=cfg.loader_workers, device=device)
     torch.set_num_threads(threads)  # FFCV resets it when a loader is made
+    loader_seconds = time.perf_counter() - loaders_began
 
     torch.manual_seed(cfg.seed)
     model_args = loaders.meta.model_args
@@ -221,7 +224,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint.set_rng_state(state["rng"])
     dual = LocalDualAveraging(parts.optimizer, every=cfg.sync_every)
     watch = NonFiniteWatch(every=NONFINITE_CHECK_EVERY)
-    example = first_images(loaders.test) if rank == 0 else None
+    example_began = time.perf_counter()
+    example = first_images(loaders.test) if rank == 0 else None  # compiles the test pipeline
+    loader_seconds += time.perf_counter() - example_began
+    # What this worker group spent before its first step; reported with its first epoch.
+    startup = {"setup_seconds": time.perf_counter() - began, "loader_seconds": loader_seconds}
 
     for epoch in range(start_epoch + 1, total_epochs + 1):
         if epoch in getattr(cfg.optim, "restart", ()):
@@ -245,9 +252,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
         seconds = time.perf_counter() - started
+        evaluated = time.perf_counter()
         accuracy, test_loss = evaluate(module, loaders.test, device)
         metrics = epoch_metrics(module, epoch, loss_sum[0].item() / loss_sum[1].item(),
                                 accuracy, test_loss, seconds, int(loss_sum[1].item()))
+        metrics["eval_seconds"] = time.perf_counter() - evaluated
+        metrics.update(startup)
+        startup = {}
         if isinstance(parts.optimizer, RDA):  # the l1 strength: given, or found for a target
             metrics["lambda"] = parts.optimizer.param_groups[0]["lambda_"]
         if epoch > own_epochs:
@@ -273,11 +284,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def report_with_checkpoint(metrics: dict[str, Any], rank: int, state: dict[str, Any]) -> None:
-    """Every rank reports (a barrier); only rank 0 writes the checkpoint."""
+    """Every rank reports (a barrier); only rank 0 writes the checkpoint, and adds the seconds
+    that writing it took to its metrics (``checkpoint_seconds``)."""
     with tempfile.TemporaryDirectory() as directory:
         ray_checkpoint = None
         if rank == 0:
+            began = time.perf_counter()
             checkpoint.save(directory, state)
+            metrics["checkpoint_seconds"] = time.perf_counter() - began
             ray_checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=ray_checkpoint)
 
