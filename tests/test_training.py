@@ -31,6 +31,10 @@ def last_json_line(text: str) -> dict:
 
 
 def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, capsys):
+    """The defaults on two workers: one RDA epoch whose threshold ramps to 95% (lambda found,
+    not given), then one epoch of fixed-mask fine-tune. Both epochs end at exactly
+    round(0.95 N) zeros, and MLflow holds the lambda RDA found and the accuracy before the
+    fine-tune."""
     assert main(train_args(tmp_path, beton_cache, tracking_uri,
                            "--workers", "2", "--name", "e2e", "--json")) == 0
     result = last_json_line(capsys.readouterr().out)
@@ -43,8 +47,15 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
     assert run.info.status == "FINISHED"
     # RDA to the default target: the sparsity is named, the l1 strength found
     assert run.data.params["target_sparsity"] == "0.95" and run.data.params["workers"] == "2"
-    assert result["sparsity"] == pytest.approx(0.95, abs=1e-4)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "lambda")] == [1]
+    assert "lambda_" not in run.data.params
+    n = 61_470  # lenet5's conv and linear weights on 28x28x1
+    assert result["nonzeros"] == n - round(0.95 * n)
+    by_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "sparsity")}
+    exact = pytest.approx(round(0.95 * n) / n)
+    assert by_epoch == {1: exact, 2: exact}
+    found = client.get_metric_history(run.info.run_id, "lambda")
+    assert [m.step for m in found] == [1] and found[0].value > 0
+    assert run.data.metrics["sparsity_before_finetune"] == pytest.approx(by_epoch[1])
     assert {run.data.tags[key] for key in ("dataset", "model", "optimizer")} == {
         "fashion-mnist", "lenet5", "rda"}
     for key in ("train_loss", "accuracy", "sparsity", "nonzeros", "epoch_seconds",
@@ -62,61 +73,16 @@ def test_two_workers_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri, 
         run.info.run_id, "layer_sparsity.json", str(tmp_path))).read())
 
 
-def test_rda_to_a_target_sparsity_end_to_end(ray_local, tmp_path, beton_cache, tracking_uri,
-                                            capsys):
-    """One RDA epoch whose threshold ramps to 95% (lambda found, not given), then one epoch of
-    fixed-mask fine-tune: both epochs end at exactly round(0.95 N) zeros, and MLflow holds the
-    lambda that RDA found and the accuracy before the fine-tune."""
-    assert main(train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs",
-                           "2", "--target-sparsity", "0.95", "--name", "target", "--json")) == 0
-    result = last_json_line(capsys.readouterr().out)
-    n = 61_470  # lenet5's conv and linear weights on 28x28x1
-    assert result["nonzeros"] == n - round(0.95 * n)
-
-    client = MlflowClient(tracking_uri)
-    run = client.get_run(result["run_id"])
-    assert run.data.params["target_sparsity"] == "0.95" and "lambda_" not in run.data.params
-    by_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "sparsity")}
-    exact = pytest.approx(round(0.95 * n) / n)
-    assert by_epoch == {1: exact, 2: exact}
-    found = client.get_metric_history(run.info.run_id, "lambda")
-    assert [m.step for m in found] == [1] and found[0].value > 0
-    assert run.data.metrics["sparsity_before_finetune"] == pytest.approx(by_epoch[1])
-
-
-def test_rerun_of_finished_name_resumes_without_retraining(ray_local, tmp_path, beton_cache,
-                                                           tracking_uri, capsys):
+def test_a_finished_run_holds_its_state_resumes_as_itself_and_refuses_a_new_config(
+        ray_local, tmp_path, beton_cache, tracking_uri, capsys):
+    """One finished run, three promises: its final checkpoint holds the whole state (the
+    AdaGrad form, so every optimizer buffer); the same command again reuses it without
+    training again; the same --name with another config is refused, nothing changed."""
     args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
-                      "--name", "again", "--json")
+                      "--name", "state", "--adaptive", "--lambda", "1e-4", "--json")
     assert main(args) == 0
     first = last_json_line(capsys.readouterr().out)
-    assert main(args) == 0
-    second = last_json_line(capsys.readouterr().out)
-    assert second["run_id"] == first["run_id"]
-    assert second["accuracy"] == first["accuracy"]
-    history = MlflowClient(tracking_uri).get_metric_history(first["run_id"], "accuracy")
-    assert [m.step for m in history] == [1]
 
-
-def test_resume_with_changed_config_is_refused(ray_local, tmp_path, beton_cache, tracking_uri,
-                                               capsys):
-    args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
-                      "--name", "fixed")
-    assert main(args) == 0
-    capsys.readouterr()
-    results = tmp_path / "results"
-    before = sorted(p.relative_to(results) for p in results.rglob("*"))
-    assert main([*args, "--gamma", "0.5"]) == 2
-    error = capsys.readouterr().err
-    assert "--name fixed" in error and "gamma" in error
-    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
-
-
-def test_final_checkpoint_holds_the_whole_state(ray_local, tmp_path, beton_cache, tracking_uri,
-                                                capsys):
-    args = train_args(tmp_path, beton_cache, tracking_uri, "--workers", "1", "--epochs", "1",
-                      "--name", "state", "--adaptive", "--lambda", "1e-4")
-    assert main(args) == 0
     files = sorted((tmp_path / "results" / "state").rglob(checkpoint.CHECKPOINT_FILE))
     state = checkpoint.load(files[-1])
     assert state["epoch"] == 1 and state["config"]["adaptive"] is True
@@ -124,6 +90,20 @@ def test_final_checkpoint_holds_the_whole_state(ray_local, tmp_path, beton_cache
     assert {"center", "dual_sum", "sq_sum", "step"} <= set(optimizer_state[0])
     assert set(state["rng"]) == {"torch", "numpy", "python"}
     assert len(state["history"]) == 1
+
+    assert main(args) == 0
+    second = last_json_line(capsys.readouterr().out)
+    assert second["run_id"] == first["run_id"]
+    assert second["accuracy"] == first["accuracy"]
+    history = MlflowClient(tracking_uri).get_metric_history(first["run_id"], "accuracy")
+    assert [m.step for m in history] == [1]
+
+    results = tmp_path / "results"
+    before = sorted(p.relative_to(results) for p in results.rglob("*"))
+    assert main([*args, "--gamma", "0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "--name state" in error and "gamma" in error
+    assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
 
 
 @pytest.mark.parametrize("args, culprit", [

@@ -161,6 +161,8 @@ def _tune_config(spec: SearchSpec) -> tune.TuneConfig:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in memory"
+
         if settings.sampler == "nsga2":
             sampler = optuna.samplers.NSGAIISampler(
                 population_size=max(4, spec.trials // 4), seed=settings.seed)
