@@ -396,8 +396,8 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, tracking_uri):
         run_search(path, overrides=flags)
     with pytest.raises(UserError, match=r"--resume: .*config.epochs: 1 -> 2"):
         run_search(path, resume=True, overrides={**flags, "epochs": 2})
-    with pytest.raises(UserError, match=r"--trials 3: .* runs trials 4"):
-        run_search(path, resume=True, trials=3, overrides=flags)
+    with pytest.raises(UserError, match=r"--trials 2: .* runs trials 3"):
+        run_search(path, resume=True, trials=2, overrides=flags)
     changed = {**TINY, "space": {**TINY["space"], "gamma": {"uniform": [0.1, 1.0]}}}
     with pytest.raises(UserError, match=r"--resume: .*space: "):
         run_search(write_space(tmp_path, changed, "tiny.yaml"), resume=True, overrides=flags)
