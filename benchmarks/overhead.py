@@ -39,7 +39,6 @@ import atexit
 import fcntl
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -382,22 +381,12 @@ def breakdown(seen: dict[str, Any]) -> dict[str, float]:
 
 
 def machine() -> str:
+    """loader.py's machine line (CPU, cores, load, Python, torch), with Ray's and MLflow's."""
     import mlflow
     import ray
-    import torch
+    from loader import machine as host  # benchmarks/ is the script's own directory
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, load average {load}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}, "
-            f"MLflow {mlflow.__version__}")
+    return f"{host()}, Ray {ray.__version__}, MLflow {mlflow.__version__}"
 
 
 def report(results: dict[str, list[dict[str, float]]]) -> str:

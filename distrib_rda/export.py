@@ -220,10 +220,7 @@ def resolve_source(source: str, tracking_uri: str, tmp: Path) -> Path:
 
 def download_run_model(run_id: str, tracking_uri: str, tmp: Path) -> Path:
     """Download run ``run_id``'s sparse export, or the ``model/model.pt`` of an older run; a
-    missing store or run is a UserError."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
-        raise ExportError(f"{run_id}: no such file, and no MLflow store at {tracking_uri} "
-                          "to look the run up in (pass --tracking-uri)")
+    missing run is a UserError (a missing store is refused before, by ``check_export``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 

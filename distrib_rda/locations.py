@@ -21,11 +21,21 @@ DEFAULT_TRACKING_URI: str = TrainConfig.model_fields["tracking_uri"].default
 DEFAULT_STORAGE: Path = TrainConfig.model_fields["storage"].default
 
 
+SQLITE = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, absolute (a relative one against the working
+    directory, a ``?query`` left out), else None."""
+    if not uri.startswith(SQLITE):
+        return None
+    return Path(os.path.abspath(Path(uri[len(SQLITE):].split("?", 1)[0]).expanduser()))
+
+
 def resolve_tracking_uri(uri: str) -> str:
     """Make a relative ``sqlite:///file.db`` absolute, so every process writes the same file."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(Path(uri[len(SQLITE):]).expanduser().resolve())
     return uri
 
 
@@ -59,7 +69,8 @@ def resolve_locations(cfg: TrainConfig) -> TrainConfig:
     job_dir = ray_job_directory()
     if job_dir is not None:
         lost = []
-        if uri.startswith("sqlite:///") and _inside(Path(uri[len("sqlite:///"):]), job_dir):
+        database = sqlite_file(uri)
+        if database is not None and _inside(database, job_dir):
             lost.append(f"--tracking-uri {uri} (or {TRACKING_ENV})")
         if _inside(storage, job_dir):
             lost.append(f"--storage {storage} (or {STORAGE_ENV})")

@@ -40,13 +40,12 @@ from distrib_rda.config import TrainConfig
 from distrib_rda.data.meta import DatasetMeta, DataSourceError
 from distrib_rda.data.sources import IMAGEFOLDER, Facts, resolve_source
 from distrib_rda.errors import UserError
-from distrib_rda.locations import resolve_locations
+from distrib_rda.locations import SQLITE, resolve_locations, sqlite_file
 
 CONFIG_FILE = "distrib_rda_config.json"  # a run's config, in its directory under --storage
 # Keys that may change when a job is resumed; any other change is refused. A finished run
 # rerun with --register NAME is registered without training again.
 RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers", "register"}
-SQLITE = "sqlite:///"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PROBE_SECONDS = 5.0  # a server or cluster that does not answer in this long is refused
 
@@ -103,14 +102,6 @@ def check_output_file(path: Path | str, flag: str = "--out", *, force: bool = Fa
 
 
 # --- the MLflow store -----------------------------------------------------------------------
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative ones against the working
-    directory), else None."""
-    if not uri.startswith(SQLITE):
-        return None
-    return Path(os.path.abspath(Path(uri[len(SQLITE):].split("?", 1)[0]).expanduser()))
 
 
 def check_store(uri: str, flag: str = "--tracking-uri", *, must_exist: bool = False,
@@ -239,12 +230,13 @@ def check_export(source: str, out: Path | str, tracking_uri: str, *,
     return out
 
 
-def check_pareto(tracking_uri: str, out: Path | str | None, *, force: bool = False) -> None:
+def check_pareto(tracking_uri: str, out: Path | str | None, *, force: bool = False) -> bool:
     """``pareto``: the plot may be written (a known image type, not over a file without
-    ``--force``) and the store is there; nothing is created."""
+    ``--force``) and the store is there; nothing is created. Returns :func:`check_store`'s
+    answer: whether the store could be checked here."""
     if out is not None:
         check_output_file(out, "--out", force=force, suffixes=PLOT_SUFFIXES)
-    check_store(tracking_uri, must_exist=True)
+    return check_store(tracking_uri, must_exist=True)
 
 
 # --- the Ray cluster ------------------------------------------------------------------------

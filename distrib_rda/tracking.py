@@ -41,7 +41,6 @@ import re
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +61,7 @@ from distrib_rda.locations import (  # noqa: F401 - where records go, re-exporte
     ray_job_directory,
     resolve_locations,
     resolve_tracking_uri,
+    sqlite_file,
 )
 from distrib_rda.safe_load import torch_load
 
@@ -107,23 +107,9 @@ def client_for(uri: str) -> MlflowClient:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast, before any training, when the store cannot be reached."""
-    if uri.startswith(("http://", "https://")):
-        try:  # MLflow's own client retries for minutes; one plain request answers now
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
-        except (OSError, ValueError) as error:
-            raise TrackingError(f"--tracking-uri {uri}: the MLflow tracking server is "
-                                f"unreachable ({error})") from None
-        return
-    elif uri.startswith("sqlite:///"):
-        parent = Path(resolve_tracking_uri(uri)[len("sqlite:///"):]).parent
-        if not parent.is_dir():
-            raise TrackingError(f"--tracking-uri {uri}: directory {parent} does not exist")
-    elif "://" not in uri or uri.startswith("file:"):
-        raise TrackingError(
-            f"--tracking-uri {uri}: MLflow 3 needs a database or server URI, "
-            "such as sqlite:///mlflow.db or http://127.0.0.1:5000"
-        )
+    """Fail fast, before any training, when a store that only MLflow can read
+    (``postgresql://`` and the like; :func:`distrib_rda.preflight.check_store` checks sqlite
+    files and servers itself) cannot be reached."""
     try:
         client_for(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means "unreachable"
@@ -136,10 +122,9 @@ def check_reachable(uri: str) -> None:
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment of a sqlite store keeps its artifacts: beside the database, in
     ``<db stem>-artifacts/<experiment>``. None for a server, which decides itself."""
-    uri = resolve_tracking_uri(uri)
-    if not uri.startswith("sqlite:///"):
+    database = sqlite_file(uri)
+    if database is None:
         return None
-    database = Path(uri[len("sqlite:///"):])
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-.") or "experiment"
     return (database.parent / f"{database.stem}-artifacts" / slug).as_uri()
 

@@ -137,9 +137,8 @@ def pareto_report(experiments: list[str], *, tracking_uri: str = "sqlite:///mlfl
     from distrib_rda.terminal import quiet_mlflow
 
     tracking_uri = tracking.default_tracking_uri(tracking_uri)
-    check_pareto(tracking_uri, out, force=force)
-    if not tracking_uri.startswith(("sqlite:///", "http://", "https://")):
-        tracking.check_reachable(tracking_uri)  # a database URI only MLflow can read
+    if not check_pareto(tracking_uri, out, force=force):  # a database URI only MLflow can read
+        tracking.check_reachable(tracking_uri)
     quiet_mlflow()
     client = tracking.client_for(tracking_uri)
     console = console or Console(width=max(Console().width, 140))
