@@ -10,7 +10,7 @@ command start to exit, to the sum of the epoch times that the same run reports
 
 The difference is broken down by phase, from three sources, all of the same run:
 
-- the command's own process: it runs as ``distrib-rda`` does (``distrib_rda.cli.main``) under a
+- the command's own process: it runs as ``distrib-rda`` does (``distrib_rda.cli.console``) under a
   probe that times the driver's steps by wrapping them (pre-flight checks, data and model
   check, MLflow store and run, ``ray.init``, ``fit``, the final MLflow records), and the exit
   handlers (``ray.shutdown`` among them);
@@ -170,7 +170,7 @@ def probe(argv: list[str]) -> None:
     finally:
         _emit({"name": "main_done", "t0": time.time()})
         atexit.register(lambda: _emit({"name": "exit_handlers_start", "t0": time.time()}))
-    sys.exit(code)
+    cli.exit_quickly(code)
 
 
 # --- one run --------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ line naming the culprit and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -302,5 +305,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_quickly(code: int) -> typing.NoReturn:
+    """Exit with ``code`` once everything is written, without the interpreter's teardown.
+
+    The threads still running are joined and the exit handlers run (``ray.shutdown``, MLflow's
+    and logging's flushes), as at a normal exit; what is skipped is the finalization of every
+    module and object, which took 3-4 s of each command's wall time with torch, Ray and MLflow
+    loaded, and writes nothing."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console() -> typing.NoReturn:
+    """The ``distrib-rda`` command: :func:`main`, then :func:`exit_quickly`. An exception that
+    :func:`main` does not handle ends the command as in any Python program, with its
+    traceback."""
+    exit_quickly(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -40,9 +40,11 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +106,26 @@ def client_for(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def open_store(uri: str) -> Future[MlflowClient]:
+    """:func:`client_for` ``uri``, made in a background thread while the caller starts Ray:
+    MLflow imports its store and, for a new sqlite file, creates its tables by running its
+    database migrations, 3-4 s. ``.result()`` gives the client or raises its error."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
+    future = pool.submit(client_for, uri)
+    pool.shutdown(wait=False)
+    return future
+
+
+def import_model_logging() -> None:
+    """Import what :func:`log_pytorch_model` uses (MLflow's PyTorch flavor, torch.export's
+    tracer: 3-4 s), in a background thread, while the driver only waits for the training."""
+    def imports() -> None:
+        import mlflow.pytorch  # noqa: F401
+        import torch._dynamo  # noqa: F401 - what torch.export.export imports at its first call
+
+    threading.Thread(target=imports, name="import-model-logging", daemon=True).start()
 
 
 def check_reachable(uri: str) -> None:
@@ -362,6 +384,7 @@ class TrackedRun:
         naming the cause, followed by ``then`` (what the user can do)."""
         import ray.train
 
+        import_model_logging()
         try:
             return trainer.fit()
         except ray.train.TrainingFailedError as error:

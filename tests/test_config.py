@@ -168,3 +168,16 @@ def test_a_typo_is_refused_before_heavy_imports():
     assert "epochs (--epochs)" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout.strip() == "[]"
     assert seconds < 5  # a second or so on a quiet machine; generous for a loaded one
+
+
+def test_the_command_exits_with_mains_status_after_its_exit_handlers():
+    """``distrib-rda`` skips the interpreter's teardown (cli.exit_quickly), not the exit
+    handlers (Ray's shutdown and MLflow's flushes are among them), and keeps main's status."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import atexit, sys; from distrib_rda import cli; "
+         "atexit.register(lambda: print('exit handler ran')); "
+         "sys.argv = ['distrib-rda', 'train', '--workers', '0']; cli.console()"],
+        capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "--workers" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout.strip() == "exit handler ran"

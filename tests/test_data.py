@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -116,6 +118,27 @@ def test_ffcv_keeps_the_callers_thread_count(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_numba_keeps_what_each_loader_compiled_in_its_disk_cache(tmp_path):
+    """FFCV's typed dict (compiled at ``import ffcv``) and the normalizing kernel are kept in
+    numba's on-disk cache: a second process (as each Ray worker is) loads them, compiling
+    none of them again."""
+    beton_dir = _generated(tmp_path, num_train=16, num_test=4, shape=(6, 6, 1))
+    program = (
+        "import sys; from distrib_rda.data import build_loaders; "
+        "loaders = build_loaders(sys.argv[1], batch_size=4, seed=0); "
+        "next(iter(loaders.train)); "
+        "from numba.typed import typeddict; from distrib_rda.data.ops import normalize_to_chw; "
+        "print([(sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values())) "
+        "for d in (typeddict._make_dict, typeddict._setitem, normalize_to_chw)])")
+    seen = []
+    for _ in range(2):  # the first process may compile and write the cache, if it is empty
+        done = subprocess.run([sys.executable, "-c", program, str(beton_dir)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen.append(done.stdout.strip())
+    assert seen[1] == "[(1, 0), (1, 0), (1, 0)]", seen
 
 
 def test_colour_32x32_is_cropped_and_flipped_by_default(tmp_path):

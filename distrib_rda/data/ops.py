@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,6 @@ from distrib_rda.data.threads import import_ffcv
 import_ffcv()
 
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
-from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
 
@@ -34,6 +34,29 @@ def lookup_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     stored as float32: both normalizing operations read their values from it."""
     return ((np.arange(256, dtype=np.float64)[:, None] - np.asarray(mean)[None, :])
             / np.asarray(std)[None, :]).astype(np.float32)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True, error_model="numpy")
+def normalize_to_chw(images: np.ndarray, dst: np.ndarray, table: np.ndarray, pad: int,
+                     flip: bool) -> np.ndarray:
+    """The kernel of :class:`NormalizeToCHW`, in parallel over the batch on numba's threads
+    (FFCV sets their number to the loader's ``num_workers``). It is compiled once per machine
+    and kept in numba's on-disk cache: FFCV's pipelines are generated code that numba cannot
+    cache, and compiling this loop took about a second in every loader of every worker."""
+    n, height, width, channels = images.shape
+    for i in numba.prange(n):
+        dy = np.random.randint(0, 2 * pad + 1) if pad else 0
+        dx = np.random.randint(0, 2 * pad + 1) if pad else 0
+        mirror = flip and np.random.random() < 0.5
+        for y in range(height):
+            sy = y + dy - pad
+            for x in range(width):
+                sx = (width - 1 - x if mirror else x) + dx - pad
+                inside = 0 <= sy < height and 0 <= sx < width
+                for c in range(channels):
+                    value = images[i, sy, sx, c] if inside else 0
+                    dst[i, c, y, x] = table[value, c]
+    return dst[:n]
 
 
 class NormalizeToCHW(Operation):
@@ -60,28 +83,11 @@ class NormalizeToCHW(Operation):
         self.flip = bool(flip)
 
     def generate_code(self) -> Callable:
-        parallel_range = Compiler.get_iterator()
-        table = self.table
-        pad = self.crop_padding
-        flip = self.flip
+        table, pad, flip = self.table, self.crop_padding, self.flip
 
         def normalize(images, dst):
-            n, height, width, channels = images.shape
-            for i in parallel_range(n):
-                dy = np.random.randint(0, 2 * pad + 1) if pad else 0
-                dx = np.random.randint(0, 2 * pad + 1) if pad else 0
-                mirror = flip and np.random.random() < 0.5
-                for y in range(height):
-                    sy = y + dy - pad
-                    for x in range(width):
-                        sx = (width - 1 - x if mirror else x) + dx - pad
-                        inside = 0 <= sy < height and 0 <= sx < width
-                        for c in range(channels):
-                            value = images[i, sy, sx, c] if inside else 0
-                            dst[i, c, y, x] = table[value, c]
-            return dst[:n]
+            return normalize_to_chw(images, dst, table, pad, flip)
 
-        normalize.is_parallel = True
         return normalize
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:

@@ -21,12 +21,28 @@ import torch
 _BEFORE_FFCV: int | None = None if "ffcv" in sys.modules else torch.get_num_threads()
 
 
+def cache_numba_typed_dict() -> None:
+    """Let numba keep the typed-dict code that ``import ffcv`` compiles in its on-disk cache.
+
+    ``ffcv.fields.rgb_image`` fills a ``numba.typed.Dict`` at import, which JIT-compiles
+    numba's dictionary: about 4 s of CPU in every process that imports FFCV (the driver, each
+    Ray worker, each trial's workers). numba compiles those two functions without its cache;
+    with it, only the first process on a machine pays."""
+    from numba.typed import typeddict
+
+    for name in ("_make_dict", "_setitem"):
+        dispatcher = getattr(typeddict, name, None)
+        if callable(getattr(dispatcher, "enable_caching", None)):
+            dispatcher.enable_caching()
+
+
 def import_ffcv() -> ModuleType:
     """Import ``ffcv`` and the parts used here, leaving torch's thread count unchanged."""
     global _BEFORE_FFCV
     threads = torch.get_num_threads()
     if "ffcv" not in sys.modules:
         _BEFORE_FFCV = threads
+        cache_numba_typed_dict()
     import ffcv
     import ffcv.fields
     import ffcv.fields.decoders

@@ -78,8 +78,8 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
     if not check_search(spec, resume=resume):  # a database URI only MLflow can read
         tracking.check_reachable(cfg.tracking_uri)
     quiet_mlflow()
-    client = tracking.client_for(cfg.tracking_uri)
-    parent_run_id = _check_resume(state_file, spec, client) if resume else None
+    store = tracking.open_store(cfg.tracking_uri)  # while the data are checked and Ray starts
+    parent_run_id = _check_resume(state_file, spec, store.result()) if resume else None
 
     # As `train` does: convert the data here, before any trial, with progress in this
     # terminal, and check the exact counts; workers on other nodes convert into their own
@@ -97,6 +97,7 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
     connect(cfg.address)
     check_resources(cfg)
     _warn_if_oversubscribed(spec)
+    client = store.result()
     if parent_run_id:
         client.update_run(parent_run_id, status="RUNNING")
     else:

@@ -50,9 +50,10 @@ def connect(address: str | None) -> None:
         check_reachable_address(address)
     else:
         # A new local instance starts one idle worker process per CPU for tasks without a
-        # runtime environment. This job has one (WORKER_ENV), so none of them is ever used,
-        # and starting them takes CPU from the start of the run's own processes.
-        os.environ.setdefault("RAY_enable_worker_prestart", "0")
+        # runtime environment when the first driver connects. This job has one (WORKER_ENV),
+        # so none of them is ever used, and starting them takes CPU from the start of the
+        # run's own processes.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     try:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
     except (ConnectionError, ValueError, RuntimeError) as error:
@@ -161,10 +162,12 @@ def run_training(cfg: TrainConfig, json_output: bool = False,
     if not plan.store_checked:  # a database URI only MLflow can read
         tracking.check_reachable(cfg.tracking_uri)
     quiet_mlflow()
+    store = tracking.open_store(cfg.tracking_uri)  # while Ray starts
     prepare_ray(cfg.address)
     say(f"starting Ray ({'joining ' + cfg.address if cfg.address else 'a local instance'}) ...")
     connect(cfg.address)
     check_resources(cfg)
+    store.result()
     # The run starts: its directory, its config file and its MLflow run are created now.
     save_config(cfg, directory)
     run = tracking.TrackedRun.start(cfg, run_key=str(directory), run_name=name,
