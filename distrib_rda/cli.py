@@ -165,7 +165,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         f"{cfg.dataset} with {cfg.optimizer}; loading torch, Ray and MLflow ...")
     from distrib_rda.training import run_training
 
-    run_training(cfg, json_output=args.json)
+    run_training(cfg, json_output=args.json, stop_ray=True)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -191,7 +191,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
         f"trials; loading torch, Ray and MLflow ...")
     from distrib_rda.search.tune import run_search
 
-    run_search(spec, resume=args.resume)
+    run_search(spec, resume=args.resume, stop_ray=True)
 
 
 def _cmd_pareto(args: argparse.Namespace) -> None:

@@ -57,7 +57,7 @@ RESUMABLE_KEYS = {"max_failures", "address", "checkpoint_every", "loader_workers
 
 def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
                max_concurrent: int | None = None, resume: bool = False,
-               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               overrides: dict[str, Any] | None = None, stop_ray: bool = False) -> dict[str, Any]:
     """Run (or with ``resume``, continue) the search that ``space`` (a loaded spec, or the
     path of a space file) describes.
 
@@ -66,6 +66,8 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
     Returns ``{"parent_run_id", "search_dir", "trials", "finished", "errored", "lost",
     "front"}``: Tune's trial count, the finished and failed ones, the run ids of unfinished
     trials lost in a kill (see :func:`_retire_lost_trials`), and the front's members.
+    ``stop_ray`` shuts Ray down once the trials end, if this call started or joined it, as
+    :func:`distrib_rda.training.run_training` does.
     """
     spec = space if isinstance(space, SearchSpec) else load_space(
         space, overrides=overrides, trials=trials, max_concurrent=max_concurrent)
@@ -85,7 +87,7 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
     # terminal, and check the exact counts; workers on other nodes convert into their own
     # node's cache.
     from distrib_rda.data import DatasetMeta, ensure_converted
-    from distrib_rda.training.driver import check_resources, connect
+    from distrib_rda.training.driver import check_resources, connect, stop_ray_in_background
 
     datasets = spec.space["dataset"].values if "dataset" in spec.space else [cfg.dataset]
     for dataset in datasets:
@@ -94,7 +96,7 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
         check_data(cfg.replace(dataset=dataset), facts_of(DatasetMeta.load(beton_dir)))
     prepare_ray(cfg.address)
     say(f"starting Ray ({'joining ' + cfg.address if cfg.address else 'a local instance'}) ...")
-    connect(cfg.address)
+    connected = connect(cfg.address)
     check_resources(cfg)
     _warn_if_oversubscribed(spec)
     client = store.result()
@@ -120,6 +122,8 @@ def run_search(space: SearchSpec | Path | str, *, trials: int | None = None,
                                tune_config=_tune_config(spec),
                                run_config=_run_config(spec, search_dir))
         results = tuner.fit()
+    if stop_ray and connected:
+        stop_ray_in_background()
 
     errored = results.num_errors
     if results.num_terminated + errored < spec.trials:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +42,11 @@ WORKER_ENV = {
 __all__ = ["CONFIG_FILE", "RESUMABLE_KEYS", "TrainingError", "build_trainer", "run_training"]
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray instance."""
+def connect(address: str | None) -> bool:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray instance. Returns whether
+    this call connected (False when Ray was initialized before)."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable_address(address)
@@ -59,6 +61,16 @@ def connect(address: str | None) -> None:
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise UserError(f"--address {address}: cannot connect to a Ray cluster "
                         f"({str(error).splitlines()[0][:200]})") from None
+    return True
+
+
+def stop_ray_in_background() -> threading.Thread:
+    """``ray.shutdown()`` in a thread, for a command that is done with Ray: what it still does
+    (MLflow's final records, the logged model) needs no Ray, and stopping a local instance
+    takes about 2 s. The thread is not a daemon, so the command exits after it ends."""
+    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
+    thread.start()
+    return thread
 
 
 def check_resources(cfg: TrainConfig) -> None:
@@ -146,9 +158,12 @@ def build_trainer(cfg: TrainConfig, *, callbacks=(), storage_path: Path | str | 
 
 
 def run_training(cfg: TrainConfig, json_output: bool = False,
-                 model_factory: Callable[..., Any] | None = None) -> dict[str, Any]:
+                 model_factory: Callable[..., Any] | None = None, *,
+                 stop_ray: bool = False) -> dict[str, Any]:
     """Train ``cfg`` on Ray Train, record it in MLflow, and print a summary. A Python caller
-    may give its own ``model_factory`` (``cfg.model`` then names it)."""
+    may give its own ``model_factory`` (``cfg.model`` then names it). With ``stop_ray``, Ray
+    is shut down once training ends, if this call started or joined it (the command does;
+    a Python caller keeps Ray for its next call, as Ray Train's ``fit`` does)."""
     # Everything checkable is checked first, in about a second, before any file is written:
     # places, name, store, cluster address and the dataset's size, classes and shape.
     plan = preflight.check_train(cfg)
@@ -165,7 +180,7 @@ def run_training(cfg: TrainConfig, json_output: bool = False,
     store = tracking.open_store(cfg.tracking_uri)  # while Ray starts
     prepare_ray(cfg.address)
     say(f"starting Ray ({'joining ' + cfg.address if cfg.address else 'a local instance'}) ...")
-    connect(cfg.address)
+    connected = connect(cfg.address)
     check_resources(cfg)
     store.result()
     # The run starts: its directory, its config file and its MLflow run are created now.
@@ -181,6 +196,8 @@ def run_training(cfg: TrainConfig, json_output: bool = False,
                                        model_factory=model_factory))
     except TrainingError as error:
         raise TrainingError(f"{error}; {resume_hint(directory)}") from None
+    if stop_ray and connected:
+        stop_ray_in_background()
     summary, _ = run.finish(result.checkpoint, started=started,
                             register=getattr(cfg, "register", None))
     tracking.print_summary(cfg, summary)
