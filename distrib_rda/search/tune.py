@@ -178,7 +178,8 @@ def _tune_config(spec: SearchSpec) -> tune.TuneConfig:
             search_alg=OptunaSearch(metric=spec.metrics, mode=spec.modes, sampler=sampler,
                                     points_to_evaluate=spec.start_points() or None),
             num_samples=spec.trials, max_concurrent_trials=settings.max_concurrent,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            reuse_actors=True)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return tune.TuneConfig(
@@ -186,7 +187,7 @@ def _tune_config(spec: SearchSpec) -> tune.TuneConfig:
                                          random_state=settings.seed,
                                          points_to_evaluate=spec.start_points() or None),
         num_samples=1 if settings.algorithm == "grid" else spec.trials,
-        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name, reuse_actors=True)
 
 
 def _trial_name(trial) -> str:
