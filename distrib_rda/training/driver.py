@@ -39,6 +39,10 @@ WORKER_ENV = {
     # time is awaited at the next one, so a busy worker is not taken for a dead one.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
+# Only for a local instance, which lives as long as the command and whose one node is never
+# drained: Ray Train's preemption watcher (an actor per run, polling for node drains) has
+# nothing to watch there. On a cluster it stays on.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 __all__ = ["CONFIG_FILE", "RESUMABLE_KEYS", "TrainingError", "build_trainer", "run_training"]
 
 
@@ -48,16 +52,18 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    env = WORKER_ENV
     if address:
         check_reachable_address(address)
     else:
+        env = {**WORKER_ENV, **LOCAL_ENV}
         # A new local instance starts one idle worker process per CPU for tasks without a
         # runtime environment when the first driver connects. This job has one (WORKER_ENV),
         # so none of them is ever used, and starting them takes CPU from the start of the
         # run's own processes.
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     try:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address=address, runtime_env={"env_vars": env})
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise UserError(f"--address {address}: cannot connect to a Ray cluster "
                         f"({str(error).splitlines()[0][:200]})") from None
