@@ -58,6 +58,17 @@ def rda(**kwargs):
     return lambda m: RDA(rda_param_groups(m, 1e-4), gamma=1.0, **kwargs)
 
 
+def rda_target(sparsity: float = 0.95):
+    """The product's default: RDA to a target (hard threshold), inside its ramp, where the
+    threshold is reselected (a quantile of all the weights) every 16 steps. Time it with
+    ``--steps 16`` or more, so that each sample holds one reselection."""
+    def build(m):
+        weights, rest = rda_param_groups(m, 0.0)
+        weights.update(target_sparsity=sparsity, ramp=(0, 10**9), threshold="hard")
+        return RDA([weights, rest], gamma=1.0)
+    return build
+
+
 # name -> (factory(model), names of the baselines it is compared with; () for a baseline).
 # Every RDA row is compared with the issue's baseline (foreach) and with torch's fused kernel.
 CASES = {
@@ -65,6 +76,8 @@ CASES = {
     "RDA (default path)": (rda(), (SGD, SGD_FUSED)),
     "RDA(center='zero') (default path)": (rda(center="zero"), (SGD, SGD_FUSED)),
     "RDA(foreach=True)": (rda(foreach=True), (SGD, SGD_FUSED)),
+    "RDA(target_sparsity=0.95, threshold='hard') (default path)": (rda_target(),
+                                                                   (SGD, SGD_FUSED)),
     SGD_FUSED: (lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, fused=True), ()),
     "RDA(fused=True)": (rda(fused=True), (SGD, SGD_FUSED)),
     ADAM: (lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True), ()),

@@ -315,7 +315,7 @@ def exit_quickly(code: int) -> typing.NoReturn:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what the interpreter runs at exit; atexit has no public name
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

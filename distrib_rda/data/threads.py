@@ -1,4 +1,6 @@
-"""Keep torch's intra-op thread count where the caller put it, although FFCV changes it.
+"""Import FFCV as this project needs it: torch's intra-op thread count kept where the caller
+put it, although FFCV changes it, and the numba code FFCV's import compiles kept in numba's
+disk cache (:func:`cache_numba_typed_dict`).
 
 FFCV calls ``torch.set_num_threads`` behind the caller's back (``ffcv.pipeline.compiler``):
 ``import ffcv`` sets it to 1, and every ``Loader(...)``, every ``iter(loader)`` and the
