@@ -161,6 +161,23 @@ def test_magnitude_quantile_counts_over_all_tensors_together():
     assert magnitude_quantile(tensors, 0.0) == 0.0
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "ties and zeros", "layers of other scales"])
+def test_magnitude_quantile_of_a_large_model_is_the_exact_kth_magnitude(kind):
+    """Above a million elements the quantile is bracketed by a sample and selected among the
+    bracket: the same value as selecting among all magnitudes, whatever their distribution."""
+    generator = torch.Generator().manual_seed(0)
+    big = torch.randn(1_200_000, generator=generator)
+    tensors = {"gaussian": [big, torch.randn(7, generator=generator)],
+               "ties and zeros": [big.round(), torch.zeros(300_000)],
+               "layers of other scales": [big * 1e-3, torch.randn(500, 400) * 10,
+                                          torch.randn(300_000) * 0.5]}[kind]
+    everything = torch.cat([t.reshape(-1).abs() for t in tensors])
+    for sparsity in (1e-6, 0.3, 0.9, 0.95, 0.98, 0.99, 0.9999, 1.0):
+        k = min(round(sparsity * everything.numel()), everything.numel())
+        assert k >= 1
+        assert magnitude_quantile(tensors, sparsity) == float(everything.kthvalue(k).values)
+
+
 @pytest.mark.parametrize(("group", "message"), [
     ({"target_sparsity": 1.0}, "target_sparsity must be"),
     ({"target_sparsity": 0.9, "ramp": (10, 5)}, "ramp"),
