@@ -316,8 +316,11 @@ def exit_quickly(code: int) -> typing.NoReturn:
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()  # what the interpreter runs at exit; atexit has no public name
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`distrib-rda ... | head`) or stream
+            pass
     os._exit(code)
 
 
