@@ -172,12 +172,20 @@ def test_a_typo_is_refused_before_heavy_imports():
 
 def test_the_command_exits_with_mains_status_after_its_exit_handlers():
     """``distrib-rda`` skips the interpreter's teardown (cli.exit_quickly), not the exit
-    handlers (Ray's shutdown and MLflow's flushes are among them), and keeps main's status."""
-    done = subprocess.run(
-        [sys.executable, "-c", "import atexit, sys; from distrib_rda import cli; "
-         "atexit.register(lambda: print('exit handler ran')); "
-         "sys.argv = ['distrib-rda', 'train', '--workers', '0']; cli.console()"],
-        capture_output=True, text=True)
+    handlers (Ray's shutdown and MLflow's flushes are among them), and keeps main's status.
+    The teardown is seen by an object of ``__main__`` that prints when it is finalized, as
+    a normal exit (``sys.exit(main())``) does when it clears the modules."""
+    program = ("import atexit, sys; from distrib_rda import cli\n"
+               "class Finalized:\n"
+               "    def __del__(self): print('teardown ran')\n"
+               "kept = Finalized()\n"
+               "atexit.register(lambda: print('exit handler ran'))\n"
+               "sys.argv = ['distrib-rda', 'train', '--workers', '0']\n")
+    done = subprocess.run([sys.executable, "-c", program + "cli.console()"],
+                          capture_output=True, text=True)
     assert done.returncode == 2
     assert "--workers" in done.stderr and "Traceback" not in done.stderr
-    assert done.stdout.strip() == "exit handler ran"
+    assert done.stdout.split() == ["exit", "handler", "ran"]
+    normal = subprocess.run([sys.executable, "-c", program + "sys.exit(cli.main())"],
+                            capture_output=True, text=True)
+    assert normal.returncode == 2 and "teardown ran" in normal.stdout  # what is skipped

@@ -70,13 +70,11 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def stop_ray_in_background() -> threading.Thread:
+def stop_ray_in_background() -> None:
     """``ray.shutdown()`` in a thread, for a command that is done with Ray: what it still does
     (MLflow's final records, the logged model) needs no Ray, and stopping a local instance
     takes about 2 s. The thread is not a daemon, so the command exits after it ends."""
-    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown")
-    thread.start()
-    return thread
+    threading.Thread(target=ray.shutdown, name="ray-shutdown").start()
 
 
 def check_resources(cfg: TrainConfig) -> None:
