@@ -33,9 +33,10 @@ def sqlite_file(uri: str) -> Path | None:
 
 
 def resolve_tracking_uri(uri: str) -> str:
-    """Make a relative ``sqlite:///file.db`` absolute, so every process writes the same file."""
+    """Make a relative ``sqlite:///file.db`` absolute (:func:`sqlite_file`), so every process
+    writes the same file."""
     if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
-        return SQLITE + str(Path(uri[len(SQLITE):]).expanduser().resolve())
+        return SQLITE + str(sqlite_file(uri))
     return uri
 
 
